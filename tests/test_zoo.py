@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from simmerge_lib.catalogue import Catalogue
+from simmerge_lib.evaluate import evaluate_checkpoint, evaluate_model, greedy_answers, resolve_evaluator
+from simmerge_lib.tasks import get_task
+from simmerge_lib.zoo import (ModelSize, ZooRecipe, _trainable_filter, build_catalogue, encode_batch,
+                              recipe_for_profile, task_vector_stats, transfer_recipe)
+
+MICRO = ZooRecipe(name="micro", size=ModelSize(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64),
+                  tasks=("max", "reverse"), n_bases=2, base_steps=30, batch_size=16,
+                  experts=(("max", "all", 40, 3e-3), ("reverse", "mlp", 20, 3e-3)), max_rounds=1, eval_n=8)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    return build_catalogue("micro", root=root, recipe=MICRO, progress=False)
+
+
+def test_build_writes_loadable_checkpoints(micro):
+    assert [m.name for m in micro.bases()] == ["base0", "base1"]
+    assert [m.name for m in micro.experts("base1")] == ["base1-max", "base1-reverse"]
+    folder = micro.path("base0-max")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert model.config.model_type == "llama" and model.config.hidden_size == 32
+    assert greedy_answers(model.eval(), tok, ["M123="], max_new_tokens=3)[0] != "<unk>"
+    card = json.loads((folder / "simmerge_card.json").read_text())
+    assert card["base"] == "base0" and card["tasks"] == ["max"] and set(card["scores"]) == {"max", "reverse"}
+    assert card["recipe"]["variant"] == "all" and card["recipe"]["steps_trained"] == 40
+    reloaded = Catalogue.load(micro.root)
+    assert reloaded.recipe_hash == MICRO.digest()
+    assert reloaded.entry("base1-reverse").scores == micro.entry("base1-reverse").scores
+
+
+def test_bases_differ_and_experts_move_only_what_they_train(micro):
+    from simmerge_lib.checkpoint import load_state_dict
+
+    b0, b1 = (load_state_dict(micro.path(n)) for n in ("base0", "base1"))
+    assert not torch.equal(b0["model.embed_tokens.weight"], b1["model.embed_tokens.weight"])
+    expert = load_state_dict(micro.path("base0-reverse"))  # variant "mlp"
+    moved = {k for k in b0 if not torch.equal(b0[k], expert[k])}
+    assert moved and all(".mlp." in k for k in moved)
+
+
+def test_cache_is_reused_and_recipe_change_rebuilds(micro):
+    weights = micro.path("base0") / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    again = build_catalogue("micro", root=micro.root, recipe=MICRO, progress=False)
+    assert weights.stat().st_mtime_ns == mtime and again.recipe_hash == micro.recipe_hash
+    changed = dataclasses.replace(MICRO, base_steps=31)
+    assert changed.digest() != MICRO.digest()
+
+
+def test_interrupted_build_resumes(tmp_path):
+    recipe = dataclasses.replace(MICRO, n_bases=1, experts=MICRO.experts[:1])
+    first = build_catalogue("micro", root=tmp_path, recipe=recipe, progress=False)
+    (tmp_path / "catalogue.json").unlink()  # as if killed before the catalogue file was written
+    weights = first.path("base0-max") / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    build_catalogue("micro", root=tmp_path, recipe=recipe, progress=False)
+    assert weights.stat().st_mtime_ns == mtime
+
+
+def test_trainable_filters():
+    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight", "lm_head.weight",
+             "model.embed_tokens.weight"]
+    assert [n for n in names if _trainable_filter("mlp", 2)(n)] == names[:1]
+    assert [n for n in names if _trainable_filter("attn", 2)(n)] == names[1:2]
+    assert [n for n in names if _trainable_filter("upper", 2)(n)] == names[1:3]
+    assert [n for n in names if _trainable_filter("lower", 2)(n)] == [names[0], names[3]]
+    with pytest.raises(ValueError):
+        _trainable_filter("heads", 2)
+
+
+def test_encode_batch_masks_prompt():
+    from simmerge_lib.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    ex = get_task("max").example("12")
+    batch = encode_batch([ex, get_task("max").example("1020")], tok, answer_only=True)
+    labelled = [i for i in batch["labels"][0].tolist() if i != -100]
+    assert tok.decode(labelled) == "2<eos>"
+    assert batch["attention_mask"][0].sum() == len("M12=2") + 2
+
+
+def test_profiles_and_evaluator(micro):
+    for profile in ("smoke", "default", "full", "transfer"):
+        recipe = recipe_for_profile(profile)
+        assert recipe.n_bases >= 2 and len(recipe.experts) >= len(recipe.tasks)
+    assert len(recipe_for_profile("default").tasks) >= 8
+    for profile in ("smoke", "default"):
+        big, small = transfer_recipe(profile).size, recipe_for_profile(profile).size
+        assert big.hidden ** 2 * big.layers >= 4 * small.hidden ** 2 * small.layers
+        assert transfer_recipe(profile).seed != recipe_for_profile(profile).seed
+    with pytest.raises(ValueError, match="unknown profile"):
+        recipe_for_profile("huge")
+    frame = evaluate_checkpoint(micro.path("base0-max"), ["max", "reverse"], n=8)
+    assert list(frame.columns) == ["checkpoint", "task", "score", "n"] and frame.score.between(0, 1).all()
+    with pytest.raises(ValueError, match="cannot be imported"):
+        resolve_evaluator("no_such_module:fn")
+
+
+def test_custom_evaluator(micro):
+    model = AutoModelForCausalLM.from_pretrained(micro.path("base0"))
+    tok = AutoTokenizer.from_pretrained(micro.path("base0"))
+    frame = evaluate_model(model, tok, ["x", "y"], n=3, evaluator=lambda m, t, tasks, n: {k: 0.5 for k in tasks})
+    pd.testing.assert_series_equal(frame.score, pd.Series([0.5, 0.5], name="score"))
+
+
+def test_task_vector_stats(micro):
+    norms, cos = task_vector_stats(micro)
+    assert (norms.tv_norm > 0).all()
+    assert cos.loc["base0-max", "base0-max"] == pytest.approx(1.0, abs=1e-5)
+    assert pd.isna(cos.loc["base0-max", "base1-max"])
+
+
+def test_cli_zoo_and_eval(micro, capsys):
+    from simmerge_lib.cli import main
+
+    assert main(["eval", str(micro.path("base1-max")), "--tasks", "max", "--n", "4"]) == 0
+    assert "max" in capsys.readouterr().out
+    assert main(["eval", str(micro.root / "missing")]) == 2
+    assert "not a checkpoint folder" in capsys.readouterr().err

@@ -21,12 +21,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup run test test-lib test-notebooks lab bench clean
 
-setup: $(STAMP) | build/.config
+setup: $(STAMP)
 
 build/.config:
 	@mkdir -p build/.config/matplotlib build/.config/jupyter build/.config/ipython
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml | build/.config
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 needed, found " + sys.version' \
 		|| { echo "error: set PYTHON=python3.11 (or any Python >= 3.10)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -30,7 +30,7 @@ import shutil
 import struct
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -524,43 +524,10 @@ def merge(recipe: Recipe, out: str | os.PathLike[str], device: str = "cpu", resu
         write_json_atomic(plan_file, {"fingerprint": plan.fingerprint})
         bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc=f"merge {out.name}",
                    disable=not progress, initial=sum(plan.shards[i].size for i in done))
-        runner = _Runner(plan, partial_dir, dev, bar)
-        budget = _Budget(budget_limit)
-        futures: list[Future[None]] = []
-        errors: list[BaseException] = []
-
-        def run(task: Task) -> None:
-            try:
-                if not budget.failed:
-                    runner.run_task(task)
-            except BaseException as exc:
-                errors.append(exc)
-                budget.fail()
-                raise
-            finally:
-                budget.release(task.cost)
-
         try:
-            runner.open_inputs()
-            with ThreadPoolExecutor(n_threads, thread_name_prefix="simmerge") as pool:
-                for i, shard in enumerate(plan.shards):
-                    if i in done:
-                        continue
-                    try:
-                        runner.open_shard(i)
-                    except BaseException:
-                        budget.fail()  # queued tensors are skipped; running ones finish
-                        raise
-                    for task in shard.tasks:
-                        if not budget.acquire(task.cost):
-                            break
-                        futures.append(pool.submit(run, task))
-                    if budget.failed:
-                        break
-            if errors:
-                raise errors[0]
+            run_shards(plan, partial_dir, dev, [i for i in range(len(plan.shards)) if i not in done], n_threads,
+                       bar, budget_limit)
         finally:
-            runner.close()
             bar.close()
         write_json_atomic(partial_dir / INDEX_FILE, {
             "metadata": {"total_size": sum(t.nbytes for s in plan.shards for t in s.tasks)},
@@ -568,6 +535,58 @@ def merge(recipe: Recipe, out: str | os.PathLike[str], device: str = "cpu", resu
         _copy_side_files(plan, partial_dir)
         plan_file.unlink()
     return out
+
+
+def run_shards(plan: Plan, partial_dir: Path, device: torch.device, shards: Sequence[int], threads: int,
+               bar: Any = None, budget_limit: int | None = None) -> None:
+    """Write the given output shards of ``plan`` into ``partial_dir`` with ``threads`` merge threads.
+
+    Tensors in flight are bounded by ``budget_limit`` bytes (default: the largest task), which is what bounds peak
+    memory; the first error stops queuing, lets running tensors finish, and is raised. Used by :func:`merge` and by
+    the scale-out workers of chapter 07, each writing its own shards."""
+    shards = list(shards)
+    if not shards:
+        return
+    limit = budget_limit or max((t.cost for i in shards for t in plan.shards[i].tasks), default=1)
+    runner = _Runner(plan, partial_dir, device, bar if bar is not None else _NullBar())
+    budget = _Budget(limit)
+    errors: list[BaseException] = []
+
+    def run(task: Task) -> None:
+        try:
+            if not budget.failed:
+                runner.run_task(task)
+        except BaseException as exc:
+            errors.append(exc)
+            budget.fail()
+            raise
+        finally:
+            budget.release(task.cost)
+
+    try:
+        runner.open_inputs()
+        with ThreadPoolExecutor(threads, thread_name_prefix="simmerge") as pool:
+            for i in shards:
+                try:
+                    runner.open_shard(i)
+                except BaseException:
+                    budget.fail()  # queued tensors are skipped; running ones finish
+                    raise
+                for task in plan.shards[i].tasks:
+                    if not budget.acquire(task.cost):
+                        break
+                    pool.submit(run, task)
+                if budget.failed:
+                    break
+        if errors:
+            raise errors[0]
+    finally:
+        runner.close()
+
+
+class _NullBar:
+    def update(self, n: int) -> None:
+        pass
 
 
 def merge_in_memory(recipe: Recipe) -> dict[str, Tensor]:

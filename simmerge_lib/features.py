@@ -38,6 +38,7 @@ import json
 import math
 import os
 import re
+import struct
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -241,6 +242,11 @@ class TensorReader:
         if self._files is not None:
             return tuple(self._handle(self._files[name]).get_slice(name).get_shape())
         return tuple(self._state[name].shape)  # type: ignore[index]
+
+    @property
+    def owns_tensors(self) -> bool:
+        """Whether :meth:`get` returns fresh tensors (read from files) that the caller may modify in place."""
+        return self._files is not None
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor as float32 (task vectors are differences: subtract in full precision)."""
@@ -678,27 +684,69 @@ class _Acc:
         return self.kept_conflict / self.inter if self.inter else (0.0 if self.tensors else NAN)
 
 
-def _ties_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Entries TIES keeps: the top ``density`` share by magnitude of the tensor (zeros are never kept)."""
-    mag = tau.abs().flatten()
-    k = max(1, math.ceil(density * mag.numel()))
-    threshold = torch.topk(mag, k, sorted=False).values.min()
-    return (mag >= threshold) & (mag > 0)
+def _ties_threshold(tau: torch.Tensor, density: float) -> float:
+    """Smallest magnitude TIES keeps: the k-th largest |tau|, k = ceil(density * numel) (zeros never count).
+
+    Small tensors use ``topk``; for large ones ``topk``'s buffers would cost several copies of the tensor, so the
+    exact same value is found by bisection over float32 bit patterns (non-negative floats sort like their bits),
+    counting ``|tau| >= t`` slice by slice: 31 passes, no temporary larger than a slice."""
+    flat = tau.flatten()
+    k = max(1, math.ceil(density * flat.numel()))
+    if flat.numel() <= 4 * _CHUNK:
+        return float(torch.topk(flat.abs(), k, sorted=False).values.min())
+
+    def at_least(bits: int) -> bool:
+        t = struct.unpack("<f", struct.pack("<I", bits))[0]
+        count = 0
+        for start in range(0, flat.numel(), _CHUNK):
+            count += int((flat[start:start + _CHUNK].abs() >= t).sum())
+            if count >= k:
+                return True
+        return False
+
+    lo, hi = 0, 0x7F800000  # +0.0 and +inf: the largest t with at least k magnitudes >= t is the k-th largest
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if at_least(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return struct.unpack("<f", struct.pack("<I", lo))[0]
+
+
+#: Elements per slice when accumulating a tensor's statistics: temporaries stay a few 16 MB buffers whatever the
+#: tensor's size, so streaming features of a huge pair costs no more memory than merging it.
+_CHUNK = 1 << 22
+
+
+def _dot64(x: torch.Tensor, y: torch.Tensor, subtract: bool = False) -> float:
+    """<x, y> (or ||x - y||^2 with ``subtract``) accumulated in float64 slice by slice, with no full-size temporary."""
+    x, y = x.flatten(), y.flatten()
+    total = 0.0
+    for start in range(0, x.numel(), _CHUNK):
+        a, b = x[start:start + _CHUNK].double(), y[start:start + _CHUNK].double()
+        total += float(torch.dot(a - b, a - b) if subtract else torch.dot(a, b))
+    return total
 
 
 def _tensor_acc(ta: torch.Tensor, tb: torch.Tensor, density: float) -> _Acc:
     ta, tb = ta.flatten(), tb.flatten()
-    sa, sb = torch.sign(ta), torch.sign(tb)
-    both = (sa != 0) & (sb != 0)
-    either = (sa != 0) | (sb != 0)
-    opposite = both & (sa != sb)
-    ka, kb = _ties_mask(ta, density), _ties_mask(tb, density)
+    th_a, th_b = _ties_threshold(ta, density), _ties_threshold(tb, density)
     f64 = torch.float64
-    return _Acc(dot=float(torch.sum(ta * tb, dtype=f64)), na=float(torch.sum(ta * ta, dtype=f64)),
-                nb=float(torch.sum(tb * tb, dtype=f64)), diff=float(torch.sum((ta - tb) ** 2, dtype=f64)),
-                both_nz=int(both.sum()), either_nz=int(either.sum()), conflict=int(opposite.sum()),
-                inter=int((ka & kb).sum()),
-                union=int((ka | kb).sum()), kept_conflict=int((ka & kb & opposite).sum()), tensors=1)
+    acc = _Acc(tensors=1)
+    for start in range(0, ta.numel(), _CHUNK):
+        a, b = ta[start:start + _CHUNK], tb[start:start + _CHUNK]
+        sa, sb = torch.sign(a), torch.sign(b)
+        both = (sa != 0) & (sb != 0)
+        opposite = both & (sa != sb)
+        ka = (a.abs() >= th_a) & (sa != 0)
+        kb = (b.abs() >= th_b) & (sb != 0)
+        acc.add(_Acc(dot=float(torch.sum(a * b, dtype=f64)), na=float(torch.sum(a * a, dtype=f64)),
+                     nb=float(torch.sum(b * b, dtype=f64)), diff=float(torch.sum((a - b) ** 2, dtype=f64)),
+                     both_nz=int(both.sum()), either_nz=int(((sa != 0) | (sb != 0)).sum()),
+                     conflict=int(opposite.sum()), inter=int((ka & kb).sum()), union=int((ka | kb).sum()),
+                     kept_conflict=int((ka & kb & opposite).sum())))
+    return acc
 
 
 def structural_features(a: ModelLike, b: ModelLike, base_a: ModelLike, base_b: ModelLike,
@@ -733,17 +781,21 @@ def structural_features(a: ModelLike, b: ModelLike, base_a: ModelLike, base_b: M
             xa, xba = ra.get(name), rba.get(name)
             xb = rb.get(name)
             xbb = xba if shared_base else rbb.get(name)
-            f64 = torch.float64
-            w_dot += float(torch.sum(xa * xb, dtype=f64))
-            w_na += float(torch.sum(xa * xa, dtype=f64))
-            w_nb += float(torch.sum(xb * xb, dtype=f64))
-            b_na += float(torch.sum(xba * xba, dtype=f64))
+            w_dot += _dot64(xa, xb)
+            w_na += _dot64(xa, xa)
+            w_nb += _dot64(xb, xb)
+            b_na += _dot64(xba, xba)
             if not shared_base:
-                b_nb += float(torch.sum(xbb * xbb, dtype=f64))
-                b_dot += float(torch.sum(xba * xbb, dtype=f64))
-                b_diff += float(torch.sum((xba - xbb) ** 2, dtype=f64))
-            acc = _tensor_acc(xa - xba, xb - xbb, density)
+                b_nb += _dot64(xbb, xbb)
+                b_dot += _dot64(xba, xbb)
+                b_diff += _dot64(xba, xbb, subtract=True)
+            # Task vectors overwrite the experts' fresh copies where we own them: three tensors alive at most, as
+            # many as the merge of the same pair holds.
+            ta = xa.sub_(xba) if ra.owns_tensors else xa - xba
+            tb = xb.sub_(xbb) if rb.owns_tensors else xb - xbb
             del xa, xb, xba, xbb
+            acc = _tensor_acc(ta, tb, density)
+            del ta, tb
             groups["all"].add(acc)
             group = tensor_group(name)
             if group is not None:

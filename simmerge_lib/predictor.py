@@ -59,7 +59,6 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
-from sklearn.base import clone
 from sklearn.compose import ColumnTransformer
 from sklearn.dummy import DummyClassifier
 from sklearn.exceptions import ConvergenceWarning

@@ -634,8 +634,6 @@ def run_worker(recipe: Mapping[str, Any], out: str, shards: Sequence[int], finge
                shard_size: str | int = "2GB", threads: int | None = None, device: str = "cpu") -> dict[str, Any]:
     """One worker: re-plan from the headers (cheap), check it matches the coordinator's plan, and write the
     given output shards into ``OUT.partial`` (each ``*.tmp`` renamed when complete). Returns bytes and seconds."""
-    from concurrent.futures import Future, ThreadPoolExecutor
-
     start = time.perf_counter()
     rec = Recipe.from_dict(dict(recipe), source="<worker>")
     plan = engine.plan_merge(rec, shard_size)
@@ -646,42 +644,7 @@ def run_worker(recipe: Mapping[str, Any], out: str, shards: Sequence[int], finge
     if not shards:
         return {"pid": os.getpid(), "shards": [], "bytes": 0, "seconds": 0.0}
 
-    class _NoBar:
-        def update(self, n: int) -> None:
-            pass
-
-    runner = engine._Runner(plan, partial, dev, _NoBar())
-    limit = max(t.cost for i in shards for t in plan.shards[i].tasks)
-    budget = engine._Budget(limit)
-    errors: list[BaseException] = []
-    futures: list[Future[None]] = []
-
-    def run(task: engine.Task) -> None:
-        try:
-            if not budget.failed:
-                runner.run_task(task)
-        except BaseException as exc:
-            errors.append(exc)
-            budget.fail()
-            raise
-        finally:
-            budget.release(task.cost)
-
-    try:
-        runner.open_inputs()
-        with ThreadPoolExecutor(threads or 1, thread_name_prefix="simmerge-worker") as pool:
-            for i in shards:
-                runner.open_shard(i)
-                for task in plan.shards[i].tasks:
-                    if not budget.acquire(task.cost):
-                        break
-                    futures.append(pool.submit(run, task))
-                if budget.failed:
-                    break
-        if errors:
-            raise errors[0]
-    finally:
-        runner.close()
+    engine.run_shards(plan, partial, dev, shards, threads or 1)
     return {"pid": os.getpid(), "shards": list(shards), "bytes": sum(plan.shards[i].size for i in shards),
             "seconds": time.perf_counter() - start}
 

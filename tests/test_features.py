@@ -148,3 +148,32 @@ def test_load_or_compute_reuses_the_saved_table(tiny_catalogue, tmp_path, monkey
     sim = F.similarity_matrix(table, "fn_cka_mean")
     assert (sim.to_numpy() == sim.to_numpy().T).all() and (sim.to_numpy().diagonal() == 1).all()
     assert list(sim.index) == sorted(m.name for m in cat.experts())
+
+
+def test_chunked_tensor_statistics_equal_whole_tensor_ones(monkeypatch):
+    # Huge tensors are accumulated slice by slice; slicing must not change any count or sum.
+    gen = torch.Generator().manual_seed(0)
+    ta, tb = torch.randn(1000, generator=gen), torch.randn(1000, generator=gen)
+    ta[::7] = 0.0
+    whole = F._tensor_acc(ta, tb, 0.2)
+    monkeypatch.setattr(F, "_CHUNK", 13)
+    sliced = F._tensor_acc(ta, tb, 0.2)
+    for field in ("both_nz", "either_nz", "conflict", "inter", "union", "kept_conflict", "tensors"):
+        assert getattr(sliced, field) == getattr(whole, field)
+    for field in ("dot", "na", "nb", "diff"):
+        assert getattr(sliced, field) == pytest.approx(getattr(whole, field), rel=1e-9)
+    keep_a = ta.abs() >= torch.topk(ta.abs(), 200).values.min()
+    keep_b = tb.abs() >= torch.topk(tb.abs(), 200).values.min()
+    assert whole.inter == int((keep_a & keep_b).sum()) and whole.union == int((keep_a | keep_b).sum())
+    assert whole.conflict == int(((ta * tb) < 0).sum())
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_bisected_ties_threshold_equals_topk(monkeypatch, density):
+    gen = torch.Generator().manual_seed(1)
+    tau = torch.randn(5000, generator=gen)
+    tau[::3] = 0.0
+    tau[10:20] = 0.5  # ties at the threshold
+    exact = F._ties_threshold(tau, density)  # topk path
+    monkeypatch.setattr(F, "_CHUNK", 97)  # forces the sliced bisection path
+    assert F._ties_threshold(tau, density) == exact

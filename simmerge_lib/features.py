@@ -684,6 +684,11 @@ class _Acc:
         return self.kept_conflict / self.inter if self.inter else (0.0 if self.tensors else NAN)
 
 
+#: Elements per slice when accumulating a tensor's statistics: temporaries stay a few 16 MB buffers whatever the
+#: tensor's size (the tensors themselves, three or four at a time, are what a huge pair costs).
+_CHUNK = 1 << 22
+
+
 def _ties_threshold(tau: torch.Tensor, density: float) -> float:
     """Smallest magnitude TIES keeps: the k-th largest |tau|, k = ceil(density * numel) (zeros never count).
 
@@ -714,11 +719,6 @@ def _ties_threshold(tau: torch.Tensor, density: float) -> float:
     return struct.unpack("<f", struct.pack("<I", lo))[0]
 
 
-#: Elements per slice when accumulating a tensor's statistics: temporaries stay a few 16 MB buffers whatever the
-#: tensor's size, so streaming features of a huge pair costs no more memory than merging it.
-_CHUNK = 1 << 22
-
-
 def _dot64(x: torch.Tensor, y: torch.Tensor, subtract: bool = False) -> float:
     """<x, y> (or ||x - y||^2 with ``subtract``) accumulated in float64 slice by slice, with no full-size temporary."""
     x, y = x.flatten(), y.flatten()
@@ -732,8 +732,8 @@ def _dot64(x: torch.Tensor, y: torch.Tensor, subtract: bool = False) -> float:
 def _tensor_acc(ta: torch.Tensor, tb: torch.Tensor, density: float) -> _Acc:
     ta, tb = ta.flatten(), tb.flatten()
     th_a, th_b = _ties_threshold(ta, density), _ties_threshold(tb, density)
-    f64 = torch.float64
-    acc = _Acc(tensors=1)
+    acc = _Acc(dot=_dot64(ta, tb), na=_dot64(ta, ta), nb=_dot64(tb, tb), diff=_dot64(ta, tb, subtract=True),
+               tensors=1)
     for start in range(0, ta.numel(), _CHUNK):
         a, b = ta[start:start + _CHUNK], tb[start:start + _CHUNK]
         sa, sb = torch.sign(a), torch.sign(b)
@@ -741,9 +741,7 @@ def _tensor_acc(ta: torch.Tensor, tb: torch.Tensor, density: float) -> _Acc:
         opposite = both & (sa != sb)
         ka = (a.abs() >= th_a) & (sa != 0)
         kb = (b.abs() >= th_b) & (sb != 0)
-        acc.add(_Acc(dot=float(torch.sum(a * b, dtype=f64)), na=float(torch.sum(a * a, dtype=f64)),
-                     nb=float(torch.sum(b * b, dtype=f64)), diff=float(torch.sum((a - b) ** 2, dtype=f64)),
-                     both_nz=int(both.sum()), either_nz=int(((sa != 0) | (sb != 0)).sum()),
+        acc.add(_Acc(both_nz=int(both.sum()), either_nz=int(((sa != 0) | (sb != 0)).sum()),
                      conflict=int(opposite.sum()), inter=int((ka & kb).sum()), union=int((ka | kb).sum()),
                      kept_conflict=int((ka & kb & opposite).sum())))
     return acc
@@ -789,8 +787,8 @@ def structural_features(a: ModelLike, b: ModelLike, base_a: ModelLike, base_b: M
                 b_nb += _dot64(xbb, xbb)
                 b_dot += _dot64(xba, xbb)
                 b_diff += _dot64(xba, xbb, subtract=True)
-            # Task vectors overwrite the experts' fresh copies where we own them: three tensors alive at most, as
-            # many as the merge of the same pair holds.
+            # Task vectors overwrite the experts' fresh copies where we own them, so no fifth full-size tensor is
+            # allocated (four are alive here across bases, three for a shared base).
             ta = xa.sub_(xba) if ra.owns_tensors else xa - xba
             tb = xb.sub_(xbb) if rb.owns_tensors else xb - xbb
             del xa, xb, xba, xbb

@@ -152,6 +152,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="simmerge --threads (default: its own)")
     parser.add_argument("--work", default=None, help="scratch folder (default build/bench/merge_engine_work)")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints and outputs")
+    parser.add_argument("--device", default="cpu",
+                        help="simmerge --device; with cuda the output is also compared with a CPU merge and the "
+                             "result goes to build/bench/merge_engine_cuda.json")
     args = parser.parse_args()
 
     from simmerge_lib.checkpoint import write_json_atomic
@@ -163,6 +166,7 @@ def main() -> None:
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]  # mergekit's shard size counts parameters
     env_note = None if have_mergekit else "mergekit not installed: pip install -e '.[dev]'"
     result: dict = {"gb_per_model": args.gb_per_model, "dtype": args.dtype, "cores": os.cpu_count(),
+                    "device": args.device,
                     "ours_s": {}, "mergekit_s": {}, "speedup_vs_mergekit": {}, "ours_peak_rss_mb": {},
                     "mergekit_peak_rss_mb": {}, "io_floor_s": None, "io_floor_peak_rss_mb": None,
                     "ratio_to_io_floor": {}, "vs_mergekit_output": {}}
@@ -181,7 +185,13 @@ def main() -> None:
         cmd = [sys.executable, "-m", "simmerge_lib.engine", str(path), str(ours_out), "--force", "--quiet"]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        ours = measure(cmd)
+        ours = measure(cmd + ["--device", args.device])
+        if args.device != "cpu":  # the GPU path must give the CPU path's tensors
+            cpu_out = work / f"ours_cpu_{name}"
+            cpu = measure([*cmd[:4], str(cpu_out), *cmd[5:]])
+            result.setdefault("cpu_s", {})[name] = round(cpu["wall_s"], 2)
+            result.setdefault("vs_cpu_output", {})[name] = compare(ours_out, cpu_out)
+            shutil.rmtree(cpu_out, ignore_errors=True)
         result["ours_s"][name] = round(ours["wall_s"], 2)
         result["ours_peak_rss_mb"][name] = round(ours["peak_rss_mb"])
         result["ratio_to_io_floor"][name] = round(ours["wall_s"] / floor["wall_s"], 2)
@@ -203,7 +213,8 @@ def main() -> None:
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     line = json.dumps(result)
-    write_json_atomic(build_path("bench", "merge_engine.json"), result)
+    suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
+    write_json_atomic(build_path("bench", f"merge_engine{suffix}.json"), result)
     print(line)
 
 

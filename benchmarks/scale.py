@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--backend", default="process", choices=["process", "ray", "serial"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--features", action="store_true", help="also stream the structural features of the pair")
+    ap.add_argument("--device", default="cpu", help="where the merge arithmetic runs (cpu or cuda)")
     ap.add_argument("--keep", action="store_true", help="keep the synthesized inputs in build/scale/bench")
     args = ap.parse_args()
     start = time.perf_counter()
@@ -39,7 +40,7 @@ def main() -> None:
     r = scale.rehearse(build_path("scale", "bench"), layers=args.layers, include=args.include or None,
                        shard_size=args.shard_size, threads=args.threads, workers=args.workers, backend=args.backend,
                        calibrated_gb_per_s=cal["gb_per_s"], calibrated_gb_per_cpu_s=cal["gb_per_cpu_s"],
-                       features=args.features, cleanup=not args.keep,
+                       features=args.features, cleanup=not args.keep, device=args.device,
                        progress=False)
     plan = scale.rehearsal_plan(r)
     result = {
@@ -57,10 +58,11 @@ def main() -> None:
         "features_peak_rss_mb": r.features_peak_rss_mb and round(r.features_peak_rss_mb, 1),
         "plan_111b_params": plan.params, "plan_111b_hours_one_worker": plan.summary()["predicted_hours"],
         "plan_111b_peak_gb": plan.summary()["predicted_peak_gb_per_worker"], "notes": r.notes,
-        "wall_s": round(time.perf_counter() - start, 1),
+        "wall_s": round(time.perf_counter() - start, 1), "device": args.device,
     }
     line = json.dumps(result)
-    build_path("bench", "scale.json").write_text(line + "\n")
+    suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
+    build_path("bench", f"scale{suffix}.json").write_text(line + "\n")
     print(line)
 
 

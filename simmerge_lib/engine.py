@@ -111,15 +111,26 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
-def _read_tensor(fd: int, info: TensorInfo) -> Tensor:
+def read_tensor(fd: int, info: TensorInfo) -> Tensor:
+    """The tensor ``info`` describes, read with ``pread`` from ``fd`` (``info.path`` opened ``O_RDONLY``) into a
+    fresh buffer, in its stored dtype and shape.
+
+    Why not ``mmap`` (``safetensors.safe_open``): pages of a mapped file that were touched count in the process's
+    resident set for as long as the file stays mapped, so reading a shard through a mapping costs its size in RSS
+    on top of the tensor copies; ``pread`` goes through the page cache, which is not resident set. The caller owns
+    the returned tensor (it may be modified in place). Safe to call from several threads on one ``fd``."""
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
     view = memoryview(buf.numpy()) if info.nbytes else memoryview(b"")
     done = 0
-    while done < info.nbytes:
-        got = os.preadv(fd, [view[done:done + _IO_CHUNK]], info.offset + done)
-        if got <= 0:
-            raise CheckpointError(f"{info.path}: truncated while reading at byte {info.offset + done}")
-        done += got
+    try:
+        while done < info.nbytes:
+            got = os.preadv(fd, [view[done:done + _IO_CHUNK]], info.offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{info.path}: truncated while reading at byte {info.offset + done}")
+            done += got
+    except OSError as exc:
+        raise CheckpointError(f"{info.path}: cannot read at byte {info.offset + done} "
+                              f"({exc.strerror or exc})") from None
     return buf.view(info.dtype).reshape(info.shape)
 
 
@@ -194,7 +205,12 @@ def parse_size(text: str | int) -> int:
         raise ValueError(f"shard size {text!r} not understood (e.g. 2GB, 500MB)") from None
 
 
-def _load_input(folder: Path) -> InputModel:
+def load_input(folder: Path) -> InputModel:
+    """Every tensor's location in the checkpoint folder ``folder`` (all shard headers read and checked, see
+    :func:`read_header`) and its ``config.json``; no tensor data is read.
+
+    Index entries pointing outside the folder, or naming a tensor its shard lacks, raise
+    :class:`~.checkpoint.CheckpointError` naming the file."""
     files = weight_files(folder)  # refuses index entries outside the folder before opening anything
     headers = {path: read_header(path) for path in dict.fromkeys(files.values())}
     tensors = {}
@@ -264,7 +280,7 @@ def plan_merge(recipe: Recipe, shard_size: str | int = "2GB") -> Plan:
     for f in folders:
         if not f.is_dir():
             raise FileNotFoundError(f"{f}: input model folder not found (only local folders are supported)")
-    inputs = {f.resolve(): _load_input(f) for f in folders}
+    inputs = {f.resolve(): load_input(f) for f in folders}
     spec_models = [inputs[recipe.resolve_path(s.model).resolve()] for s in specs]
     base = inputs[recipe.resolve_path(base_spec.model).resolve()] if base_spec is not None else None
     reference = base if base is not None else spec_models[0]
@@ -355,7 +371,12 @@ def _check_finite(x: Tensor, info: TensorInfo, name: str) -> None:
             raise CheckpointError(f"{info.path}: tensor {name!r} contains NaN or Inf")
 
 
-class _Runner:
+class TaskRunner:
+    """Carries out the tasks of one :class:`Plan` into ``partial`` (one instance per :func:`run_shards` call):
+    holds the input and output file descriptors, writes each shard's header when the shard is opened, merges and
+    writes one tensor per :meth:`run_task` (thread-safe) and renames a shard to its final name when its last tensor
+    is written. Public so that tests can inject faults into :meth:`run_task` (a crash mid-merge)."""
+
     def __init__(self, plan: Plan, partial: Path, device: torch.device, progress: Any):
         self.plan, self.partial, self.device, self.progress = plan, partial, device, progress
         self.fds: dict[Path, int] = {}
@@ -388,7 +409,7 @@ class _Runner:
             self.remaining[index] = len(shard.tasks)
 
     def load(self, info: TensorInfo, name: str) -> Tensor:
-        raw = _read_tensor(self.fds[info.path], info)
+        raw = read_tensor(self.fds[info.path], info)
         if self.device.type != "cpu":
             raw = raw.to(self.device, non_blocking=False)
         x = raw if raw.dtype == torch.float32 else raw.to(torch.float32)
@@ -400,7 +421,7 @@ class _Runner:
         with torch.no_grad():
             ref = task.base or task.inputs[0]
             if not ref.dtype.is_floating_point:
-                out = _read_tensor(self.fds[ref.path], ref)
+                out = read_tensor(self.fds[ref.path], ref)
             else:
                 tensors = [self.load(info, task.name) for info in task.inputs]
                 base = self.load(task.base, task.name) if task.base is not None else None
@@ -438,14 +459,20 @@ class _Runner:
         self.out_fds.clear()
 
 
-def _shard_finished(path: Path, shard: Shard) -> bool:
+def shard_finished(path: Path, shard: Shard) -> bool:
+    """Whether ``path`` is a finished copy of the planned output ``shard``: its final size and the plan's header.
+
+    A shard only gets its final name once all its tensors are written, and the header encodes every tensor's
+    name, dtype, shape and offset, so size + header is what resuming (here and in chapter 07's workers) checks."""
     if not path.is_file() or path.stat().st_size != shard.size:
         return False
     with open(path, "rb") as fh:
         return fh.read(len(shard.header)) == shard.header
 
 
-def _check_output_location(out: Path, plan: Plan) -> None:
+def check_output_location(out: Path, plan: Plan) -> None:
+    """Refuse (``ValueError``) an output folder ``out`` (or its ``.partial``) that is, contains, or lies inside
+    one of the plan's input folders: replacing it would delete the inputs being read."""
     targets = [out.resolve(), out.resolve().with_name(out.name + ".partial")]
     for folder in plan.inputs:
         for target in targets:
@@ -453,7 +480,12 @@ def _check_output_location(out: Path, plan: Plan) -> None:
                 raise ValueError(f"{out}: output overlaps the input model {folder}; choose another folder")
 
 
-def _copy_side_files(plan: Plan, partial: Path) -> None:
+def copy_side_files(plan: Plan, partial: Path) -> None:
+    """Write everything but the weights into ``partial``: the reference model's ``config.json`` (dtype set to
+    the recipe's output dtype) and ``generation_config.json``, the tokenizer files of the recipe's tokenizer
+    source, the recipe with absolute paths (``mergekit_config.yml``) and the model card.
+
+    The last step of a merge, single-process or distributed (chapter 07), once all shards are in place."""
     recipe = plan.recipe
     ref_folder = plan.reference.folder
     out_dtype = recipe.output_dtype()
@@ -493,7 +525,7 @@ def merge(recipe: Recipe, out: str | os.PathLike[str], device: str = "cpu", resu
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: CUDA is not available")
     plan = plan_merge(recipe, shard_size)
-    _check_output_location(out, plan)
+    check_output_location(out, plan)
     partial = out.with_name(out.name + ".partial")
     plan_file = partial / PLAN_FILE
     done: set[int] = set()
@@ -502,7 +534,7 @@ def merge(recipe: Recipe, out: str | os.PathLike[str], device: str = "cpu", resu
         if resume and plan_file.is_file():
             previous = json.loads(plan_file.read_text()).get("fingerprint")
         if resume and previous == plan.fingerprint:
-            done = {i for i, s in enumerate(plan.shards) if _shard_finished(partial / s.name, s)}
+            done = {i for i, s in enumerate(plan.shards) if shard_finished(partial / s.name, s)}
             for p in partial.iterdir():
                 if p.name.endswith(".tmp") or (p.suffix == ".safetensors" and
                                                p.name not in {plan.shards[i].name for i in done}):
@@ -532,7 +564,7 @@ def merge(recipe: Recipe, out: str | os.PathLike[str], device: str = "cpu", resu
         write_json_atomic(partial_dir / INDEX_FILE, {
             "metadata": {"total_size": sum(t.nbytes for s in plan.shards for t in s.tasks)},
             "weight_map": {t.name: s.name for s in plan.shards for t in s.tasks}})
-        _copy_side_files(plan, partial_dir)
+        copy_side_files(plan, partial_dir)
         plan_file.unlink()
     return out
 
@@ -548,7 +580,7 @@ def run_shards(plan: Plan, partial_dir: Path, device: torch.device, shards: Sequ
     if not shards:
         return
     limit = budget_limit or max((t.cost for i in shards for t in plan.shards[i].tasks), default=1)
-    runner = _Runner(plan, partial_dir, device, bar if bar is not None else _NullBar())
+    runner = TaskRunner(plan, partial_dir, device, bar if bar is not None else _NullBar())
     budget = _Budget(limit)
     errors: list[BaseException] = []
 

@@ -48,11 +48,11 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .catalogue import Catalogue
 from .checkpoint import CheckpointError, iter_tensors, weight_files
+from .engine import TensorInfo, read_header, read_tensor
 from .paths import build_path
 from .probes import N_PROBES, ProbeSet, kit_probes, load_jsonl
 
@@ -212,11 +212,19 @@ def _nanstat(values: Sequence[float], fn: Any) -> float:
 
 # ========================================================================================================= models
 class TensorReader:
-    """Read a checkpoint's tensors one at a time by name (a folder's safetensors shards, or a state dict)."""
+    """Read a checkpoint's tensors one at a time by name (a folder's safetensors shards, or a state dict).
+
+    Files are read with the merge engine's reader (:func:`.engine.read_header`, :func:`.engine.read_tensor`):
+    ``pread`` into a fresh buffer, each shard opened once and closed by :meth:`close`. Not ``safe_open``: its
+    memory map keeps every page read so far in the resident set while the file stays open. Measured on layer 0 of
+    three full-width 111B-shaped checkpoints (q/o projections and norms, 1.8 GB of bf16): the structural features
+    peaked at 3901 MiB RSS through ``safe_open`` against 2632 MiB for the TIES merge of the same checkpoints;
+    2243 MiB through ``pread`` with the slice-wise float32 conversion of :meth:`get`.
+    """
 
     def __init__(self, ref: ModelRef):
-        self._stack = contextlib.ExitStack()
-        self._handles: dict[Path, Any] = {}
+        self._fds: dict[Path, int] = {}
+        self._headers: dict[Path, dict[str, TensorInfo]] = {}
         if ref.path is not None and ref.state_dict is None:
             self._files: dict[str, Path] | None = weight_files(ref.path)
             self._state: Mapping[str, torch.Tensor] | None = None
@@ -230,17 +238,22 @@ class TensorReader:
     def __contains__(self, name: str) -> bool:
         return name in (self._files if self._files is not None else self._state or {})
 
-    def _handle(self, path: Path) -> Any:
-        if path not in self._handles:
-            try:
-                self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
-            except Exception as exc:
-                raise CheckpointError(f"{path}: cannot read safetensors header ({exc})") from None
-        return self._handles[path]
+    def info(self, name: str) -> TensorInfo:
+        """Where a file-backed tensor lives (dtype, shape, file offset); its shard's header is read and checked on
+        first use, so a truncated or corrupt shard raises :class:`CheckpointError` naming the file."""
+        if self._files is None:
+            raise ValueError("an in-memory model has no tensor files")
+        path = self._files[name]
+        if path not in self._headers:
+            self._headers[path] = read_header(path)
+        try:
+            return self._headers[path][name]
+        except KeyError:
+            raise CheckpointError(f"{path}: index names tensor {name!r} but the shard does not hold it") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         if self._files is not None:
-            return tuple(self._handle(self._files[name]).get_slice(name).get_shape())
+            return self.info(name).shape
         return tuple(self._state[name].shape)  # type: ignore[index]
 
     @property
@@ -248,20 +261,45 @@ class TensorReader:
         """Whether :meth:`get` returns fresh tensors (read from files) that the caller may modify in place."""
         return self._files is not None
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor as float32 (task vectors are differences: subtract in full precision)."""
-        if self._files is not None:
-            path = self._files[name]
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
             try:
-                tensor = self._handle(path).get_tensor(name)
-            except Exception as exc:
-                raise CheckpointError(f"{path}: cannot read tensor {name!r} ({exc})") from None
-        else:
-            tensor = self._state[name]  # type: ignore[index]
-        return tensor.detach().to("cpu", torch.float32)
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise CheckpointError(f"{path}: cannot open ({exc.strerror or exc})") from None
+        return self._fds[path]
+
+    def get_stored(self, name: str) -> torch.Tensor:
+        """The tensor in its stored dtype (a fresh tensor for a file; the state dict's own for an in-memory model)."""
+        if self._files is None:
+            return self._state[name]  # type: ignore[index]
+        info = self.info(name)
+        return read_tensor(self._fd(info.path), info)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor as float32 (task vectors are differences: subtract in full precision).
+
+        A file tensor stored in another floating dtype is read slice by slice into its float32 copy, so the stored
+        bytes never sit in memory whole beside it (a whole bf16 copy cost 213 MiB more peak RSS in the run above).
+        """
+        if self._files is None:
+            return self._state[name].detach().to("cpu", torch.float32)  # type: ignore[index]
+        info = self.info(name)
+        if info.dtype == torch.float32 or not info.dtype.is_floating_point:
+            return read_tensor(self._fd(info.path), info).to(torch.float32)  # float32: as read, no second copy
+        out = torch.empty(info.shape, dtype=torch.float32)
+        flat, size = out.view(-1), info.dtype.itemsize
+        for start in range(0, flat.numel(), _CHUNK):
+            n = min(_CHUNK, flat.numel() - start)
+            piece = TensorInfo(info.path, info.dtype, (n,), info.offset + start * size, n * size)
+            flat[start:start + n] = read_tensor(self._fd(info.path), piece)
+        return out
 
     def close(self) -> None:
-        self._stack.close()
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def __enter__(self) -> TensorReader:
         return self
@@ -693,30 +731,36 @@ def _ties_threshold(tau: torch.Tensor, density: float) -> float:
     """Smallest magnitude TIES keeps: the k-th largest |tau|, k = ceil(density * numel) (zeros never count).
 
     Small tensors use ``topk``; for large ones ``topk``'s buffers would cost several copies of the tensor, so the
-    exact same value is found by bisection over float32 bit patterns (non-negative floats sort like their bits),
-    counting ``|tau| >= t`` slice by slice: 31 passes, no temporary larger than a slice."""
+    exact same value is found by a two-pass radix select over float32 bit patterns (non-negative floats sort like
+    their bits): pass 1 counts |tau| by the high 16 bits of its pattern, which gives the bucket holding the k-th
+    largest; pass 2 counts the low 16 bits inside that bucket. No temporary is larger than a slice. (It replaced a
+    31-pass bisection that took 19.5 s for a 12288 x 12288 tensor on one core; the two passes take 0.5 s.)
+    NaN entries never count (as in a comparison ``|tau| >= t``)."""
     flat = tau.flatten()
     k = max(1, math.ceil(density * flat.numel()))
     if flat.numel() <= 4 * _CHUNK:
         return float(torch.topk(flat.abs(), k, sorted=False).values.min())
 
-    def at_least(bits: int) -> bool:
-        t = struct.unpack("<f", struct.pack("<I", bits))[0]
-        count = 0
+    def slices() -> Iterator[torch.Tensor]:
         for start in range(0, flat.numel(), _CHUNK):
-            count += int((flat[start:start + _CHUNK].abs() >= t).sum())
-            if count >= k:
-                return True
-        return False
+            a = flat[start:start + _CHUNK].to(torch.float32).abs()
+            yield a.nan_to_num_(nan=0.0, posinf=math.inf).view(torch.int32)  # NaN as 0: below every t > 0
 
-    lo, hi = 0, 0x7F800000  # +0.0 and +inf: the largest t with at least k magnitudes >= t is the k-th largest
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if at_least(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return struct.unpack("<f", struct.pack("<I", lo))[0]
+    def select(counts: torch.Tensor, rank: int) -> tuple[int, int]:
+        """The bucket holding the rank-th largest entry (1-based) and how many entries lie in higher buckets."""
+        above = counts.flip(0).cumsum(0)  # above[j] = entries in the top j + 1 buckets
+        j = int(torch.searchsorted(above, rank))  # first j with above[j] >= rank
+        return len(counts) - 1 - j, int(above[j - 1]) if j else 0
+
+    high = torch.zeros(1 << 15, dtype=torch.int64)  # bit 31 (the sign) is 0 for |tau|
+    for bits in slices():
+        high += torch.bincount(bits >> 16, minlength=1 << 15)
+    bucket, higher = select(high, k)
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for bits in slices():
+        low += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+    low_bits, _ = select(low, k - higher)
+    return struct.unpack("<f", struct.pack("<I", (bucket << 16) | low_bits))[0]
 
 
 def _dot64(x: torch.Tensor, y: torch.Tensor, subtract: bool = False) -> float:

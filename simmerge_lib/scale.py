@@ -22,6 +22,7 @@ spread it over workers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -488,25 +489,59 @@ def largest_numel(recipe: Recipe) -> tuple[int, int, int]:
     return biggest, total_in, n_loaded
 
 
+class _SafetensorsFolder:
+    """Tensors of a checkpoint folder read with ``safetensors.safe_open``: the reference reader for
+    :func:`compare_with_in_memory`, independent of the engine's ``pread`` reader (which the structural features
+    share), so that a bug in that reader cannot hide in both sides of the comparison."""
+
+    def __init__(self, folder: Path):
+        from .checkpoint import weight_files
+
+        self.files = weight_files(folder)
+        self._stack = contextlib.ExitStack()
+        self._handles: dict[Path, Any] = {}
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def get_stored(self, name: str) -> torch.Tensor:
+        """The tensor in its stored dtype."""
+        from safetensors import safe_open
+
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+        return self._handles[path].get_tensor(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor as float32, as the engine merges it."""
+        return self.get_stored(name).to(torch.float32)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
 def compare_with_in_memory(recipe: Recipe, out: str | os.PathLike[str], progress: bool = False) -> dict[str, Any]:
     """Compare a merged folder with the operator applied to whole tensors loaded with ``safetensors`` (not the
     engine's reader), one tensor at a time so that full-width layers fit in memory."""
     from tqdm.auto import tqdm
 
-    from .features import as_ref
-
     specs, base_spec = recipe.merge_inputs()
     op = get_operator(recipe.merge_method)
     out_dtype = recipe.output_dtype()
-    inputs = [as_ref(recipe.resolve_path(s.model)).tensors() for s in specs]
-    base = as_ref(recipe.resolve_path(base_spec.model)).tensors() if base_spec is not None else None
-    merged = as_ref(out).tensors()
-    reference = base or inputs[0]
-    layer_count = engine.plan_merge(recipe, "1TB").layer_count
-    unequal: list[str] = []
-    max_abs = 0.0
-    names = reference.names()
+    readers: list[_SafetensorsFolder] = []
     try:
+        inputs = [_SafetensorsFolder(recipe.resolve_path(s.model)) for s in specs]
+        readers += inputs
+        base = _SafetensorsFolder(recipe.resolve_path(base_spec.model)) if base_spec is not None else None
+        readers += [base] if base is not None else []
+        merged = _SafetensorsFolder(Path(out))
+        readers.append(merged)
+        reference = base or inputs[0]
+        layer_count = engine.plan_merge(recipe, "1TB").layer_count
+        unequal: list[str] = []
+        max_abs = 0.0
+        names = reference.names()
         for name in tqdm(names, desc="compare", disable=not progress):
             with torch.no_grad():
                 work = [r.get(name) for r in inputs]
@@ -515,20 +550,15 @@ def compare_with_in_memory(recipe: Recipe, out: str | os.PathLike[str], progress
                                         layer_t(name, layer_count))
                 expected = expected.to(out_dtype) if out_dtype is not None else expected
                 del work, b
-                got = _raw(merged, name)
+                got = merged.get_stored(name)
                 if not torch.equal(got, expected):
                     unequal.append(name)
                     max_abs = max(max_abs, float((got.float() - expected.float()).abs().max()))
                 del got, expected
     finally:
-        for r in [*inputs, merged] + ([base] if base is not None else []):
+        for r in readers:
             r.close()
     return {"tensors": len(names), "unequal": unequal, "max_abs_diff": max_abs, "equal": not unequal}
-
-
-def _raw(reader: Any, name: str) -> torch.Tensor:
-    path = reader._files[name]
-    return reader._handle(path).get_tensor(name)
 
 
 def files_identical(a: str | os.PathLike[str], b: str | os.PathLike[str], pattern: str = "*.safetensors") -> bool:
@@ -668,14 +698,14 @@ def merge_distributed(recipe: Recipe, out: str | os.PathLike[str], workers: int 
         raise FileExistsError(f"{out}: already exists (pass --force to overwrite)")
     start = time.perf_counter()
     plan = engine.plan_merge(recipe, shard_size)
-    engine._check_output_location(out, plan)
+    engine.check_output_location(out, plan)
     partial = out.with_name(out.name + ".partial")
     plan_file = partial / engine.PLAN_FILE
     done: set[int] = set()
     if partial.exists():
         previous = json.loads(plan_file.read_text()).get("fingerprint") if plan_file.is_file() else None
         if resume and previous == plan.fingerprint:
-            done = {i for i, s in enumerate(plan.shards) if engine._shard_finished(partial / s.name, s)}
+            done = {i for i, s in enumerate(plan.shards) if engine.shard_finished(partial / s.name, s)}
             keep = {plan.shards[i].name for i in done}
             for p in partial.iterdir():
                 if p.name.endswith(".tmp") or (p.suffix == ".safetensors" and p.name not in keep):
@@ -718,14 +748,14 @@ def merge_distributed(recipe: Recipe, out: str | os.PathLike[str], workers: int 
                 reports.append(r)
                 bar.update()
         bar.close()
-        missing = [s.name for s in plan.shards if not engine._shard_finished(partial_dir / s.name, s)]
+        missing = [s.name for s in plan.shards if not engine.shard_finished(partial_dir / s.name, s)]
         if missing:
             raise CheckpointError(f"{partial_dir}: shard {missing[0]} was not finished by its worker "
                                   f"({len(missing)} missing)")
         write_json_atomic(partial_dir / INDEX_FILE, {
             "metadata": {"total_size": sum(t.nbytes for s in plan.shards for t in s.tasks)},
             "weight_map": {t.name: s.name for s in plan.shards for t in s.tasks}})
-        engine._copy_side_files(plan, partial_dir)
+        engine.copy_side_files(plan, partial_dir)
         plan_file.unlink()
     return {"out": str(out), "workers": workers, "backend": backend, "shards": len(plan.shards),
             "resumed_shards": len(done), "reports": reports, "seconds": time.perf_counter() - start}

@@ -136,7 +136,7 @@ def test_existing_out_needs_force_and_cli_round_trip(zoo, tmp_path, capsys):
 def test_resume_keeps_finished_shards(zoo, tmp_path, monkeypatch):
     recipe = recipe_at(zoo, "ties")
     out = tmp_path / "out"
-    real = engine._Runner.run_task
+    real = engine.TaskRunner.run_task
     calls = {"n": 0}
 
     def flaky(self, task):
@@ -145,13 +145,13 @@ def test_resume_keeps_finished_shards(zoo, tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
         return real(self, task)
 
-    monkeypatch.setattr(engine._Runner, "run_task", flaky)
+    monkeypatch.setattr(engine.TaskRunner, "run_task", flaky)
     with pytest.raises(KeyboardInterrupt):
         engine.merge(recipe, out, shard_size="20KB", threads=1, progress=False)
     partial = tmp_path / "out.partial"
     finished = {p.name: p.stat().st_mtime_ns for p in partial.glob("*.safetensors")}
     assert finished and not out.exists()
-    monkeypatch.setattr(engine._Runner, "run_task", real)
+    monkeypatch.setattr(engine.TaskRunner, "run_task", real)
     engine.merge(recipe, out, shard_size="20KB", resume=True, progress=False)
     assert all((out / n).stat().st_mtime_ns == t for n, t in finished.items())  # reused, not rewritten
     fresh = engine.merge(recipe, tmp_path / "fresh", shard_size="20KB", progress=False)

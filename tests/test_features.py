@@ -100,6 +100,72 @@ def test_in_memory_model_gives_the_same_pair_features_as_its_folder(tiny_catalog
     assert folder.loc[0, "fn_kl_mean"] > 0 and folder.loc[0, "fn_cka_mean"] < 1
 
 
+def _sharded_folder(folder, shards):
+    """A checkpoint folder with an index and one safetensors file per dict in ``shards``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    weight_map = {}
+    for i, tensors in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, str(folder / name))
+        weight_map.update(dict.fromkeys(tensors, name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def test_pread_reader_gives_the_tensors_safetensors_gives(tmp_path, monkeypatch):
+    import os
+
+    from safetensors import safe_open
+
+    from simmerge_lib.checkpoint import CheckpointError, weight_files
+
+    gen = torch.Generator().manual_seed(3)
+    tensors = {
+        "w.bf16": torch.randn(37, 53, generator=gen).to(torch.bfloat16),
+        "w.f16": torch.randn(41, 7, generator=gen).to(torch.float16),
+        "w.f32": torch.randn(5, 3, 2, generator=gen),
+        "w.f64": torch.randn(11, generator=gen, dtype=torch.float64),
+        "w.i64": torch.arange(-6, 6).reshape(3, 4),
+        "w.scalar": torch.tensor(2.5, dtype=torch.bfloat16),
+        "w.empty": torch.zeros(0, 4, dtype=torch.float16),
+    }
+    folder = _sharded_folder(tmp_path / "ck", [dict(list(tensors.items())[:3]), dict(list(tensors.items())[3:])])
+    monkeypatch.setattr(F, "_CHUNK", 17)  # float32 conversion slice by slice, slices not dividing the tensors
+    fds_before = len(os.listdir("/proc/self/fd"))
+    files = weight_files(folder)
+    with F.ModelRef.folder(folder).tensors() as reader:
+        assert reader.names() == list(files) and reader.owns_tensors
+        for name, path in files.items():
+            with safe_open(str(path), framework="pt") as fh:
+                expected = fh.get_tensor(name)
+            stored = reader.get_stored(name)
+            assert stored.dtype == expected.dtype and torch.equal(stored, expected), name
+            assert reader.shape(name) == tuple(expected.shape)
+            got = reader.get(name)
+            assert got.dtype == torch.float32 and torch.equal(got, expected.to(torch.float32)), name
+        assert len(os.listdir("/proc/self/fd")) == fds_before + 2  # each shard opened once, kept open
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # and closed on exit
+
+    # damaged shards: a CheckpointError naming the file, not a crash or a silent zero
+    second = folder / "model-00002-of-00002.safetensors"
+    data = second.read_bytes()
+    second.write_bytes(data[:-8])  # truncated: the last tensor's bytes are cut
+    with F.ModelRef.folder(folder).tensors() as reader:
+        assert torch.equal(reader.get_stored("w.bf16"), tensors["w.bf16"])  # the intact shard still reads
+        with pytest.raises(CheckpointError, match=f"{second}.*truncated"):
+            reader.get("w.i64")
+    second.write_bytes(data[:8] + b"{not json" + data[17:])
+    with pytest.raises(CheckpointError, match=f"{second}.*corrupt safetensors header"):
+        F.structural_features(folder, folder, folder, folder)
+    second.write_bytes(data[:4])
+    with F.ModelRef.folder(folder).tensors() as reader, pytest.raises(CheckpointError, match=str(second)):
+        reader.shape("w.f64")
+
+
 # --- the table ------------------------------------------------------------------------------------------------
 def test_feature_rows_are_identical_across_runs(tiny_catalogue):
     cat = Catalogue.load(tiny_catalogue)
@@ -168,12 +234,15 @@ def test_chunked_tensor_statistics_equal_whole_tensor_ones(monkeypatch):
     assert whole.conflict == int(((ta * tb) < 0).sum())
 
 
-@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
-def test_bisected_ties_threshold_equals_topk(monkeypatch, density):
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0, 1e-4])
+def test_radix_selected_ties_threshold_equals_topk(monkeypatch, density):
     gen = torch.Generator().manual_seed(1)
-    tau = torch.randn(5000, generator=gen)
+    tau = torch.randn(5000, generator=gen) * torch.logspace(-30, 30, 5000)  # every exponent range, both signs
     tau[::3] = 0.0
     tau[10:20] = 0.5  # ties at the threshold
+    tau[20:23] = torch.tensor([float("inf"), -float("inf"), 1e-44])  # infinities and a subnormal
     exact = F._ties_threshold(tau, density)  # topk path
-    monkeypatch.setattr(F, "_CHUNK", 97)  # forces the sliced bisection path
+    monkeypatch.setattr(F, "_CHUNK", 97)  # forces the sliced radix-select path
     assert F._ties_threshold(tau, density) == exact
+    for same in (torch.zeros(5000), torch.full((5000,), -0.25)):  # one bucket holds everything
+        assert F._ties_threshold(same, density) == float(same.abs()[0])

@@ -84,7 +84,7 @@ def inputs(tmp_path_factory) -> dict[str, object]:
 
 
 def test_synthesized_checkpoints_have_real_names_and_shapes(inputs):
-    headers = engine._load_input(inputs["big"]["e0"]).tensors
+    headers = engine.load_input(inputs["big"]["e0"]).tensors
     inventory = {t.name: t.shape for t in scale.tensor_inventory(CFG)}
     assert {n: i.shape for n, i in headers.items()} == inventory
     assert all(i.dtype == torch.bfloat16 for i in headers.values())

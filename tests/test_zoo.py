@@ -70,6 +70,21 @@ def test_interrupted_build_resumes(tmp_path):
     assert weights.stat().st_mtime_ns == mtime
 
 
+def test_parallel_build_trains_the_same_checkpoints(micro, tmp_path):
+    """workers=2 trains in separate processes: same models, cards and tasks as the serial build, and it resumes."""
+    recipe = dataclasses.replace(MICRO, n_bases=2)
+    par = build_catalogue("micro", root=tmp_path, recipe=recipe, progress=False, workers=2)
+    assert [m.name for m in par.models] == [m.name for m in micro.models]
+    for m in par.models:
+        assert m.base == micro.entry(m.name).base and m.tasks == micro.entry(m.name).tasks
+        assert m.recipe.get("variant") == micro.entry(m.name).recipe.get("variant")
+    (tmp_path / "catalogue.json").unlink()
+    weights = par.path("base1-reverse") / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    build_catalogue("micro", root=tmp_path, recipe=recipe, progress=False, workers=2)
+    assert weights.stat().st_mtime_ns == mtime
+
+
 def test_trainable_filters():
     names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight", "lm_head.weight",
              "model.embed_tokens.weight"]

@@ -13,7 +13,8 @@ Reads (or builds) the profile's features and labels, then:
 
 Metrics and their 95% bootstrap intervals over pairs (``*_ci``) are defined in :mod:`simmerge_lib.predictor`;
 ``noise_only_gap`` is the oracle - fixed gap evaluation noise alone would give (:func:`~simmerge_lib.predictor.noise_gap`),
-to read ``oracle_gap`` against.
+to read ``oracle_gap`` against; ``gap_closure_one_sided`` is leave-one-expert-out again with each pair scored in
+its own order only (without averaging over both orders, :attr:`~simmerge_lib.predictor.Predictor.symmetric`).
 Usage: ``python benchmarks/selection_quality.py [--profile default] [--no-transfer] [--n-boot 1000]``.
 Prints one JSON line and writes it to ``build/bench/selection_quality.json``.
 """
@@ -60,6 +61,10 @@ def main() -> None:
     margin = float(margins.iloc[0].margin)
     loeo = P.heldout_evaluation(table, "expert", family, args.seed, args.n_boot, progress=False, margin=margin)
     loto = P.heldout_evaluation(table, "task", family, args.seed, args.n_boot, progress=False, margin=margin)
+    # the same evaluation with one-sided scoring (each pair scored in its own order only), to measure what scoring
+    # a candidate from both orders of the pair brings
+    one_sided = P.heldout_evaluation(table, "expert", family, args.seed, n_boot=0, progress=False, margin=margin,
+                                     symmetric=False)["metrics"]
     m, ci = loeo["metrics"], loeo["ci"]
     fixed = (loeo["records"].fixed_method + "/" + loeo["records"].fixed_setting).mode().iloc[0]
     result: dict[str, Any] = {
@@ -68,6 +73,7 @@ def main() -> None:
         "quality_simmerge": m["quality_simmerge"], "quality_best_fixed": m["quality_best_fixed"],
         "quality_oracle": m["quality_oracle"], "best_fixed_operator": fixed, "gap_closure": m["gap_closure"],
         "mean_regret": m["mean_regret"], "selection_accuracy": m["selection_accuracy"], "spearman": m["spearman"],
+        "gap_closure_one_sided": one_sided["gap_closure"], "quality_simmerge_one_sided": one_sided["quality_simmerge"],
         "quality_classifier": m.get("quality_classifier"), "gap_closure_classifier": m.get("gap_closure_classifier"),
         "win_rate": {k[12:]: v for k, v in m.items() if k.startswith("win_rate_vs_")},
         "loss_rate": {k[13:]: v for k, v in m.items() if k.startswith("loss_rate_vs_")},

@@ -60,7 +60,7 @@ from .probes import N_PROBES, ProbeSet, kit_probes, load_jsonl
 FEATURE_VERSION = 1
 #: Share of each task vector's entries TIES keeps (mergekit's default density).
 TIES_DENSITY = 0.2
-ID_COLUMNS = ["a", "b", "task", "same_base"]
+ID_COLUMNS = ["a", "b", "task", "same_base", "task_of_a"]
 
 FEATURE_DOCS: dict[str, str] = {
     # --- functional: next-token distributions at every non-pad prompt position -------------------------------
@@ -890,6 +890,39 @@ def swap_structural(feats: Mapping[str, float]) -> dict[str, float]:
 
 
 # ============================================================================================ pairs and tables
+def task_owner(tasks_a: Sequence[str] | None, tasks_b: Sequence[str] | None, task: str) -> float:
+    """``task_of_a``: which parent was fine-tuned on ``task`` — 1 if only a, 0 if only b, 0.5 if both or neither,
+    NaN when a model's tasks are unknown (no card). Known without merging or evaluating (a catalogue fact), and what
+    tells a predictor that weight w on a is the share of the task's own expert (w) or of the other one (1 - w)."""
+    if tasks_a is None or tasks_b is None:
+        return NAN
+    in_a, in_b = task in tasks_a, task in tasks_b
+    return 0.5 if in_a == in_b else float(in_a)
+
+
+def add_task_owner(frame: pd.DataFrame, catalogue: Catalogue) -> pd.DataFrame:
+    """``frame`` (rows a, b, task) with its ``task_of_a`` column (:func:`task_owner`) filled from the catalogue's
+    model entries: for tables written before the column existed."""
+    def tasks(name: str) -> list[str] | None:
+        try:
+            return list(catalogue.entry(name).tasks)
+        except KeyError:
+            return None
+
+    out = frame.copy()
+    out["task_of_a"] = [task_owner(tasks(a), tasks(b), t) for a, b, t in zip(out.a, out.b, out.task)]
+    return out
+
+
+def _card_tasks(ref: ModelRef) -> list[str] | None:
+    if ref.path is None:
+        return None
+    from .checkpoint import read_card
+
+    card = read_card(ref.path)
+    return list(card["tasks"]) if isinstance(card.get("tasks"), list) else None
+
+
 def pair_features(a: ModelLike, b: ModelLike, base_a: ModelLike, base_b: ModelLike, tasks: str | Sequence[str],
                   probes: ProbeSet | None = None, n_probes: int = N_PROBES["default"], cache: ProbeCache | None = None,
                   density: float = TIES_DENSITY, functional: bool = True, structural: bool = True) -> pd.DataFrame:
@@ -912,7 +945,8 @@ def pair_features(a: ModelLike, b: ModelLike, base_a: ModelLike, base_b: ModelLi
         for task in tasks:
             fn = functional_features(outs_a[task], outs_b[task]) if functional else \
                 dict.fromkeys(FUNCTIONAL_COLUMNS, NAN)
-            rows.append({"a": ra.name, "b": rb.name, "task": task, "same_base": int(rba.key == rbb.key), **fn, **st})
+            rows.append({"a": ra.name, "b": rb.name, "task": task, "same_base": int(rba.key == rbb.key),
+                         "task_of_a": task_owner(_card_tasks(ra), _card_tasks(rb), task), **fn, **st})
     return pd.DataFrame(rows, columns=ID_COLUMNS + FEATURE_COLUMNS)
 
 
@@ -974,6 +1008,7 @@ def compute_features(catalogue: Catalogue, n_probes: int = N_PROBES["default"],
             same = int(catalogue.base_of(a).name == catalogue.base_of(b).name)
             for t in ts:
                 rows.append({"a": a, "b": b, "task": t, "same_base": same,
+                             "task_of_a": task_owner(catalogue.entry(a).tasks, catalogue.entry(b).tasks, t),
                              **functional_features(outputs[a][t], outputs[b][t]), **structural[(a, b)]})
             bar.update()
     bar.close()
@@ -1062,7 +1097,9 @@ def load_or_compute(catalogue: Catalogue, profile: str, n_probes: int | None = N
     if not force and path.is_file() and side.is_file():
         try:
             if json.loads(side.read_text()) == meta:
-                return pd.read_parquet(path)
+                cached = pd.read_parquet(path)
+                # tables written before the task_of_a column existed: it is a catalogue fact, no recomputation
+                return cached if "task_of_a" in cached.columns else add_task_owner(cached, catalogue)
         except json.JSONDecodeError:
             pass
     df = compute_features(catalogue, n_probes=n_probes, tasks=tasks, progress=progress, density=density)

@@ -115,7 +115,7 @@ SMOKE_GRID: dict[str, list[dict[str, float]]] = {
 #: Per-profile collection settings (keyword arguments of :func:`make_jobs`): the notebook, benchmark and CLI share them.
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {"grid": SMOKE_GRID, "n_eval": 16, "cross_base_sample": 2, "tasks": "all"},
-    "default": {"grid": DEFAULT_GRID, "n_eval": 50, "cross_base_sample": 16, "tasks": "all"},
+    "default": {"grid": DEFAULT_GRID, "n_eval": 200, "cross_base_sample": 16, "tasks": "all"},
     "full": {"grid": DEFAULT_GRID, "n_eval": 100, "cross_base_sample": 64, "tasks": "all"},
 }
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -95,7 +96,11 @@ def test_in_memory_model_gives_the_same_pair_features_as_its_folder(tiny_catalog
     memory = F.pair_features(model, cat.path("base0-sort"), cat.path("base0"), cat.path("base0"), "reverse",
                              n_probes=4)
     # the same numbers up to float summation order (a state dict lists its tensors in another order than a file)
-    pd.testing.assert_frame_equal(folder.drop(columns="a"), memory.drop(columns="a"), rtol=1e-10)
+    pd.testing.assert_frame_equal(folder.drop(columns=["a", "task_of_a"]), memory.drop(columns=["a", "task_of_a"]),
+                                  rtol=1e-10)
+    # which parent owns the task comes from the model cards: the in-memory model has none
+    assert folder.loc[0, "task_of_a"] == 1.0 and np.isnan(memory.loc[0, "task_of_a"])
+    assert F.task_owner(["sort"], ["reverse"], "reverse") == 0.0 and F.task_owner(["a"], ["a"], "a") == 0.5
     assert folder.loc[0, "same_base"] == 1
     assert folder.loc[0, "fn_kl_mean"] > 0 and folder.loc[0, "fn_cka_mean"] < 1
 

@@ -160,7 +160,7 @@ def test_save_load_predicts_identically(synth, tmp_path, family):
     again = P.load_predictor(path)
     pd.testing.assert_frame_equal(model.rank(synth), again.rank(synth))
     assert (model.classify(synth) == again.classify(synth)).all()
-    assert again.feature_names == model.feature_names and again.family == family
+    assert again.feature_names == model.feature_names and again.family == family and again.symmetric
     assert again.metadata["catalogue"] == "synthetic" and "sklearn" in again.metadata["versions"]
     pd.testing.assert_frame_equal(again.candidates, model.candidates, check_dtype=False)
 
@@ -192,6 +192,40 @@ def test_rank_orders_candidates_and_respects_pair_order(synth):
     assert ranked.predicted.is_monotonic_decreasing
     with pytest.raises(ValueError, match="input column"):
         model.rank(rows.drop(columns="st_tv_cos"))
+
+
+def test_owner_share_is_the_task_experts_share_of_the_merge():
+    rows = pd.DataFrame({"parameters": ['{"weight": 0.3}', '{"weight": 0.3}', '{"t": 0.3}', '{"density": 0.5}',
+                                        '{"weight": 0.8}'],
+                         "p_weight": [0.3, 0.3, 0.0, 0.0, 0.8], "p_t": [0.0, 0.0, 0.3, 0.0, 0.0],
+                         "task_of_a": [1.0, 0.0, 0.0, 1.0, np.nan]})
+    # a's task at weight 0.3: 0.3; b's task: 0.7; SLERP t=0.3 leaves a 0.7, so b's task gets 0.3; TIES: 0.5
+    np.testing.assert_allclose(P.owner_share(rows), [0.3, 0.7, 0.3, 0.5, np.nan])
+
+
+def test_symmetric_rank_averages_both_orders_of_the_pair(synth):
+    """q̂(a, b, c) = ½ [ŷ(a, b, c) + ŷ(b, a, mirror(c))]: (a, b) at weight w is (b, a) at weight 1 - w."""
+    import dataclasses
+
+    model = P.fit_predictor(synth, "ridge", classifier=False)
+    one_sided = dataclasses.replace(model, symmetric=False)
+    features, _ = P.synthetic_tables(n_experts=6, seed=0)
+    both = P.with_mirror(features)
+    a, b = synth.a.iloc[0], synth.b.iloc[0]
+    rows, flip = (both[(both.a == x) & (both.b == y)] for x, y in ((a, b), (b, a)))
+    assert len(flip) and (rows[P.MIRROR_PREFIX + "st_tv_cos"].to_numpy() == flip.st_tv_cos.to_numpy()).all()
+    ours = model.rank(rows).set_index(["method", "setting"]).predicted
+    own = one_sided.rank(rows).set_index(["method", "setting"]).predicted
+    other = one_sided.rank(flip).set_index(["method", "setting"]).predicted
+    mirror = {"weight=0.3": "weight=0.7", "weight=0.7": "weight=0.3"}
+    assert not np.allclose(own.to_numpy(), ours.to_numpy())
+    for (method, setting), value in ours.items():
+        assert value == pytest.approx((own[(method, setting)] + other[(method, mirror.get(setting, setting))]) / 2)
+    # without the other order's features the ranking is one-sided
+    lonely = P.with_mirror(features[~((features.a == b) & (features.b == a))])
+    pair_rows = lonely[(lonely.a == a) & (lonely.b == b)]
+    assert pair_rows[P.MIRROR_PREFIX + "st_tv_cos"].isna().all()
+    pd.testing.assert_series_equal(model.rank(pair_rows).predicted, one_sided.rank(pair_rows).predicted)
 
 
 # --- the command -------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ For each k the target tasks are the catalogue's first k tasks; the planner picks
 and an operator per step with the predictor (features of the running merged model, no evaluation), then the plan and
 the baselines are merged for real and evaluated: all-at-once linear and TIES of the same subset, random plans over
 it, the best fixed operator (labels table) at every step, and the exhaustive oracle over real merges where the space
-has at most ``--oracle-max-plans`` plans. One setting per operator (:data:`simmerge_lib.planner.STUDY_SETTINGS`).
+has at most ``--oracle-max-plans`` plans. The operator settings of :data:`simmerge_lib.planner.STUDY_SETTINGS`.
 Catalogue: ``default`` when ``build/zoo/default``, its labels and features exist, else ``smoke`` (``profile`` / ``catalogue`` in the JSON
 say which); its labels are collected or resumed (chapter 03). Predictor: chapter 04's
 ``build/predictor/<profile>.skops``, else a GBM fitted now on the profile's features + labels

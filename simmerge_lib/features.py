@@ -967,9 +967,9 @@ def compute_features(catalogue: Catalogue, n_probes: int = N_PROBES["default"],
 
     ``pairs`` defaults to every ordered pair of experts, same-task pairs included
     (``catalogue.pairs("all", ordered=True, distinct_tasks=False)``); ``tasks`` is
-    ``"parents"`` (the tasks of a and b) or ``"all"`` (every catalogue task). Columns: ``a, b, task, same_base``,
-    then :data:`FEATURE_COLUMNS`. Probe outputs are computed once per model (and cached on disk by default);
-    structural features once per unordered pair.
+    ``"parents"`` (the tasks of a and b) or ``"all"`` (every catalogue task). Columns: ``a, b, task, same_base,
+    task_of_a`` (:func:`task_owner`), then :data:`FEATURE_COLUMNS`. Probe outputs are computed once per model (and
+    cached on disk by default); structural features once per unordered pair.
     """
     pairs = list(pairs) if pairs is not None else catalogue.pairs("all", ordered=True, distinct_tasks=False)
     if not pairs:
@@ -1098,8 +1098,12 @@ def load_or_compute(catalogue: Catalogue, profile: str, n_probes: int | None = N
         try:
             if json.loads(side.read_text()) == meta:
                 cached = pd.read_parquet(path)
-                # tables written before the task_of_a column existed: it is a catalogue fact, no recomputation
-                return cached if "task_of_a" in cached.columns else add_task_owner(cached, catalogue)
+                if "task_of_a" not in cached.columns:
+                    # written before the column existed: a catalogue fact, added without recomputing anything, and
+                    # written back so that readers of the file (chapters 05, 06, 08) see it too
+                    cached = add_task_owner(cached, catalogue)
+                    write_table(cached, path, meta)
+                return cached
         except json.JSONDecodeError:
             pass
     df = compute_features(catalogue, n_probes=n_probes, tasks=tasks, progress=progress, density=density)

@@ -801,14 +801,14 @@ def simmerge_choice(problem: MergeProblem, predictor_file: str | Path | None,
     Features come from the features table when it has the pair's rows, else they are computed (``n_probes``)."""
     if predictor_file is None or not Path(predictor_file).exists():
         return None
-    from .predictor import load_predictor
+    from .predictor import load_predictor, with_mirror
 
     predictor = load_predictor(predictor_file)
     feats = None
     if features_file is not None and Path(features_file).exists():
         table = pd.read_parquet(features_file)
         rows = table[(table.a == problem.a) & (table.b == problem.b) & table.task.isin(problem.tasks)]
-        feats = rows if len(rows) else None
+        feats = with_mirror(rows, table) if len(rows) else None  # both orders: see Predictor.symmetric
     if feats is None:
         from .features import pair_features
 

@@ -286,7 +286,8 @@ def catalogue_dir(profile: str) -> Path:
 
 
 def build_transfer_catalogue(profile: str = "default", progress: bool = True, workers: int = 1) -> Catalogue:
-    """The larger, differently seeded catalogue of :func:`transfer_recipe`, cached in ``build/zoo/transfer-<profile>``."""
+    """The larger, differently seeded catalogue of :func:`transfer_recipe`, cached in
+    ``build/zoo/transfer-<profile>`` (``workers``: see :func:`build_catalogue`)."""
     recipe = transfer_recipe(profile)
     return build_catalogue(recipe.name, root=catalogue_dir(recipe.name), recipe=recipe, progress=progress,
                            workers=workers)

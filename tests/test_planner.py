@@ -148,6 +148,10 @@ def test_predictor_scorer_plans_on_running_model(tiny_catalogue, tmp_path, capsy
                                                                                  "base1-max"}
     # step 2 measured the running merged model (an in-memory prefix) against the third expert
     assert any(" -linear" in str(f.a.iloc[0]) for f in scorer.feature_rows)
+    # the running model owns its experts' tasks: task_of_a is 1 on those, 0 on the next expert's task
+    step = next(f for f in scorer.feature_rows if " -linear" in str(f.a.iloc[0]))
+    owned = {t for n in cat.models for t in n.tasks if n.name in str(step.a.iloc[0])}
+    assert all(o == (1.0 if t in owned else 0.0) for t, o in zip(step.task, step.task_of_a))
     assert scorer.merges.merges > 0
     # the command: prints the plan and writes a recipe that `simmerge merge` executes
     path = save_predictor(predictor, tmp_path / "p.skops")

@@ -81,6 +81,8 @@ PARAM_COLUMNS = ["p_weight", "p_t", "p_lambda", "p_density"]
 FAMILIES = ("ridge", "forest", "gbm", "mlp")
 #: Selection tolerance: a choice within ``TOL`` of the oracle is a hit; wins and losses need a margin > ``TOL``.
 TOL = 0.01
+#: The hedge margins compared by :func:`choose_margin` and :func:`nested_evaluation`.
+MARGINS = (0.0, 0.005, 0.01, 0.02, 0.05)
 PREDICTOR_FORMAT = 2
 #: Which parent was fine-tuned on a row's task (features :func:`~simmerge_lib.features.task_owner`: 1 a, 0 b).
 OWNER_COLUMN = "task_of_a"
@@ -645,7 +647,7 @@ def with_margin(records: pd.DataFrame, candidates: pd.DataFrame, margin: float) 
     return out.reset_index()[records.columns]
 
 
-def choose_margin(table: pd.DataFrame, family: str, margins: Sequence[float] = (0.0, 0.005, 0.01, 0.02, 0.05),
+def choose_margin(table: pd.DataFrame, family: str, margins: Sequence[float] = MARGINS,
                   k: int = 4, seed: int = 0) -> pd.DataFrame:
     """Grouped cross-validation of the hedge margin (folds of experts, as :func:`choose_family`).
 
@@ -658,6 +660,46 @@ def choose_margin(table: pd.DataFrame, family: str, margins: Sequence[float] = (
         rows.append({"margin": float(margin), **{k_: m[k_] for k_ in ("mean_regret", "gap_closure",
                                                                         "selection_accuracy")}})
     return pd.DataFrame(rows).sort_values(["mean_regret", "margin"], kind="stable").reset_index(drop=True)
+
+
+def nested_evaluation(table: pd.DataFrame, scheme: str = "expert", families: Sequence[str] = ("forest", "gbm"),
+                      margins: Sequence[float] = MARGINS, k: int = 4, seed: int = 0, n_boot: int = 1000,
+                      progress: bool = True, tol: float = TOL) -> dict[str, Any]:
+    """:func:`heldout_evaluation` with the model family and the hedge margin chosen *inside* each split.
+
+    For every held-out group, grouped cross-validation over ``k`` folds of experts of that split's *training* pairs
+    picks the (family, margin) with the lowest mean regret (ties: the earlier family, the smaller margin); a
+    predictor with that choice is then fit on all training pairs and scored on the held-out pairs. Nothing about
+    the held-out pairs informs any choice, unlike choosing once on the whole catalogue.
+    Returns {"records", "candidates", "choices" (split, family, margin), "metrics", "ci"}."""
+    if scheme not in ("expert", "task"):
+        raise ValueError(f"scheme must be 'expert' or 'task', got {scheme!r}")
+    splits = leave_one_expert_out(table) if scheme == "expert" else leave_one_task_out(table)
+    recs, cands, choices = [], [], []
+    for split in tqdm(splits, desc="nested evaluation", disable=not progress, leave=False):
+        check_split(table, split)
+        train = table[table.pair.isin(split.train)]
+        inner = expert_folds(train, k, seed)
+        best: tuple[float, str, float] | None = None
+        for family in families:
+            if len(families) * len(margins) == 1:
+                best = (0.0, family, float(margins[0]))
+                break
+            records, cand = evaluate(train, inner, family, seed, progress=False)
+            for margin in margins:
+                regret = selection_metrics(with_margin(records, cand, margin))["mean_regret"]
+                if best is None or regret < best[0] - 1e-12:
+                    best = (regret, family, float(margin))
+        assert best is not None
+        _, family, margin = best
+        r, c = evaluate_split(table, split, family, seed, margin=margin)
+        recs.append(r)
+        cands.append(c)
+        choices.append({"split": split.name, "family": family, "margin": margin})
+    records = pd.concat(recs, ignore_index=True)
+    return {"records": records, "candidates": pd.concat(cands, ignore_index=True),
+            "choices": pd.DataFrame(choices), "metrics": selection_metrics(records, tol),
+            "ci": bootstrap_ci(records, n_boot, seed, tol=tol)}
 
 
 def noise_gap(labels: pd.DataFrame, n_sim: int = 200, seed: int = 0) -> float:

@@ -282,6 +282,19 @@ def test_with_margin_matches_a_refit_with_that_margin(synth):
     assert (P.with_margin(records, cand, 0.0).chosen == records.chosen).all()
 
 
+def test_nested_evaluation_chooses_inside_each_split(synth):
+    """With one family and one margin there is nothing to choose: nested = plain held-out evaluation. With several,
+    every split records its own choice, made from its training pairs."""
+    plain = P.heldout_evaluation(synth, "expert", "ridge", n_boot=0, progress=False)
+    nested = P.nested_evaluation(synth, "expert", families=("ridge",), margins=(0.0,), n_boot=0, progress=False)
+    pd.testing.assert_frame_equal(plain["records"], nested["records"])
+    both = P.nested_evaluation(synth, "expert", families=("ridge", "forest"), margins=(0.0, 0.05), k=2, n_boot=0,
+                               progress=False)
+    assert len(both["choices"]) == len(P.leave_one_expert_out(synth)) == both["records"].split.nunique()
+    assert set(both["choices"].family) <= {"ridge", "forest"} and set(both["choices"].margin) <= {0.0, 0.05}
+    assert np.isfinite(both["metrics"]["gap_closure"])
+
+
 def test_noise_gap_grows_with_candidates_and_shrinks_with_examples():
     def labels(n_cand: int, n_eval: int) -> pd.DataFrame:
         rows = [{"a": "x", "b": "y", "method": "m", "setting": f"s{c}", "task": t, "parent_task": True,

@@ -181,14 +181,16 @@ def main() -> None:
 
         Recipe.from_dict(spec).to_yaml(path)
         ours_out, theirs_out = work / f"ours_{name}", work / f"mergekit_{name}"
-        # `python -m simmerge_lib.engine` is `simmerge merge` without importing the other sub-commands' modules
-        cmd = [sys.executable, "-m", "simmerge_lib.engine", str(path), str(ours_out), "--force", "--quiet"]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        ours = measure(cmd + ["--device", args.device])
+        def engine_cmd(out: Path, device: str) -> list[str]:
+            # `python -m simmerge_lib.engine` is `simmerge merge` without importing the other sub-commands' modules
+            cmd = [sys.executable, "-m", "simmerge_lib.engine", str(path), str(out), "--force", "--quiet",
+                   "--device", device]
+            return cmd + (["--threads", str(args.threads)] if args.threads else [])
+
+        ours = measure(engine_cmd(ours_out, args.device))
         if args.device != "cpu":  # the GPU path must give the CPU path's tensors
             cpu_out = work / f"ours_cpu_{name}"
-            cpu = measure([*cmd[:4], str(cpu_out), *cmd[5:]])
+            cpu = measure(engine_cmd(cpu_out, "cpu"))
             result.setdefault("cpu_s", {})[name] = round(cpu["wall_s"], 2)
             result.setdefault("vs_cpu_output", {})[name] = compare(ours_out, cpu_out)
             shutil.rmtree(cpu_out, ignore_errors=True)

@@ -367,9 +367,8 @@ class PredictorScorer:
                               probes=kit_probes(tasks, self.n_probes), cache=self.cache)
         feats["a"], feats["b"] = prefix.describe(), expert
         # the running model owns the tasks of every expert merged into it (it has no card to read them from)
-        prefix_tasks = {t for n in prefix.order for t in self.catalogue.entry(n).tasks}
-        feats["task_of_a"] = [task_owner(sorted(prefix_tasks), self.catalogue.entry(expert).tasks, t)
-                              for t in feats.task]
+        owned = self._tasks(prefix.order)
+        feats["task_of_a"] = [task_owner(owned, self.catalogue.entry(expert).tasks, t) for t in feats.task]
         return feats
 
     def __call__(self, prefix: Plan, expert: str, ops: Sequence[OpChoice]) -> dict[OpChoice, dict[str, float]]:

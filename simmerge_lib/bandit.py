@@ -329,6 +329,7 @@ def synthetic_tables(n_bases: int = 2, tasks: Sequence[str] = ("reverse", "sort"
                                   "parameters": json.dumps(setting, sort_keys=True), "task": t,
                                   "parent_task": parent, "score": np.nan, "seed": 0, "n_eval": 0, "seconds": 0.0,
                                   "norm_score": float(q + rng.normal(0, noise)) if parent else 0.1,
+                                  "norm_even": np.nan, "norm_odd": np.nan, "char_score": np.nan,
                                   "versions": "{}", "recipe": ""})
     return pd.DataFrame(frows), pd.DataFrame(lrows)
 

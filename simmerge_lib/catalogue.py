@@ -8,6 +8,7 @@ checkpoints). Schema::
       "tasks": ["reverse", "sort", ...],
       "evaluator": null,                  # or "package.module:function" for a user's own tasks (see evaluate.py)
       "recipe": {...}, "recipe_hash": "…", # how the kit built it (absent for user catalogues)
+      "build": {"seconds": 212.3, "workers": 2, "resumed": false},   # the kit's last build (absent otherwise)
       "models": [
         {"name": "base0", "path": "base0", "role": "base", "base": null, "tasks": [], "recipe": {}, "scores": {}},
         {"name": "base0-reverse", "path": "experts/base0-reverse", "role": "expert", "base": "base0",
@@ -57,6 +58,8 @@ class Catalogue:
     evaluator: str | None = None
     recipe: dict[str, Any] = field(default_factory=dict)
     recipe_hash: str | None = None
+    #: How the kit built it: wall seconds, workers, and whether finished checkpoints were reused (absent otherwise).
+    build: dict[str, Any] = field(default_factory=dict)
 
     # --- loading and saving ---------------------------------------------------------------------------------
     @classmethod
@@ -71,7 +74,7 @@ class Catalogue:
             models = [ModelEntry(**m) for m in raw["models"]]
             catalogue = cls(root=file.parent, name=raw.get("name", file.parent.name), tasks=list(raw["tasks"]),
                             models=models, evaluator=raw.get("evaluator"), recipe=raw.get("recipe", {}),
-                            recipe_hash=raw.get("recipe_hash"))
+                            recipe_hash=raw.get("recipe_hash"), build=raw.get("build", {}))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"{file}: not a valid catalogue ({type(exc).__name__}: {exc})") from None
         catalogue.validate(file)
@@ -95,6 +98,8 @@ class Catalogue:
     def save(self) -> Path:
         data = {"name": self.name, "tasks": self.tasks, "evaluator": self.evaluator, "recipe": self.recipe,
                 "recipe_hash": self.recipe_hash, "models": [asdict(m) for m in self.models]}
+        if self.build:
+            data["build"] = self.build
         file = self.root / CATALOGUE_FILE
         write_json_atomic(file, data)
         return file

@@ -117,13 +117,28 @@ def atomic_folder(out: str | os.PathLike[str], force: bool = False) -> Iterator[
     os.replace(partial, out)
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' own "Loading weights" / "Writing model shards" bars inside the block: the kit draws
+    one bar per long step, and dozens of tiny checkpoints would otherwise print a bar each."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def save_pretrained_atomic(model: Any, tokenizer: Any, out: str | os.PathLike[str], card: dict[str, Any],
                            max_shard_size: str = "5GB", force: bool = False) -> Path:
     """Save a transformers model + tokenizer + kit card as a checkpoint folder, atomically."""
     stale = Path(out).with_name(Path(out).name + ".partial")
     if stale.exists():  # a model save is cheap to redo: never mix files of two attempts
         shutil.rmtree(stale)
-    with atomic_folder(out, force=force) as partial:
+    with atomic_folder(out, force=force) as partial, quiet_transformers():
         model.save_pretrained(partial, max_shard_size=max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(partial)
         write_json_atomic(partial / CARD_FILE, card)

@@ -1,12 +1,22 @@
-"""Scoring a checkpoint: batched greedy decoding and exact match, as a tidy DataFrame.
+"""Scoring a checkpoint: exact match of greedy answers, as a tidy DataFrame.
 
 For the kit's synthetic tasks the score of a model on task t is
 
     score(t) = (1/n) * sum_i [ greedy_answer(prompt_i) == answer_i ]
 
-over the first n examples of t's ``eval`` split. A user's own catalogue names its evaluator in ``catalogue.json``
-(``"evaluator": "package.module:function"``); the function is called as ``fn(model, tokenizer, tasks, n)`` and
-returns ``{task: score}``.
+over the first n examples of t's ``eval`` split. It is computed in **one teacher-forced forward pass** instead of a
+decoding loop: greedy decoding reproduces ``answer + <eos>`` exactly iff, feeding the true prefix, the argmax of the
+next-token distribution equals the true next token at every answer position (by induction over positions: while
+every earlier token matched, the greedy prefix *is* the true prefix). So
+
+    exact(i) = prod_{j in answer(i) + eos} [ argmax p(. | x_<j) == x_j ]
+
+equals the greedy-decoding exact match (up to exact float ties in the argmax), and the per-character accuracy
+``char(i) = mean_j [ argmax p(. | x_<j) == x_j ]`` comes for free as a softer secondary score (it shows partial
+retention that exact match hides). :func:`greedy_answers` still decodes for display.
+
+A user's own catalogue names its evaluator in ``catalogue.json`` (``"evaluator": "package.module:function"``); the
+function is called as ``fn(model, tokenizer, tasks, n)`` and returns ``{task: score}``.
 """
 
 from __future__ import annotations
@@ -18,11 +28,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .tasks import exact_match, get_task
+from .tasks import Example, get_task
 
 Evaluator = Callable[[PreTrainedModel, Any, Sequence[str], int], Mapping[str, float]]
 
@@ -55,17 +66,83 @@ def greedy_answers(model: PreTrainedModel, tokenizer: Any, prompts: Sequence[str
     return answers
 
 
+def encode_batch(examples: Sequence[Example], tokenizer: Any, answer_only: bool,
+                 answers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded ``<bos> prompt answer <eos>`` ids, with labels on the answer (+ prompt unless answer_only).
+
+    Right padding keeps every real token at its true position, so no padding mask is needed for the causal
+    attention of real tokens (pads only ever follow them)."""
+    vocab = _vocab(tokenizer)
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    rows, starts = [], []
+    for i, ex in enumerate(examples):
+        answer = ex.answer if answers is None else answers[i]
+        prompt_ids = [bos] + [vocab[c] for c in ex.prompt]
+        rows.append(prompt_ids + [vocab[c] for c in answer] + [eos])
+        starts.append(len(prompt_ids) if answer_only else 1)
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in rows])
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+    position = torch.arange(width)
+    attention = (position < lengths[:, None]).long()
+    labelled = (position >= torch.tensor(starts)[:, None]) & attention.bool()
+    labels = torch.where(labelled, ids, torch.tensor(-100))
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+_VOCABS: dict[int, dict[str, int]] = {}
+
+
+def _vocab(tokenizer: Any) -> dict[str, int]:
+    # get_vocab() builds a new dict on every call; encoding runs once per training step.
+    key = id(tokenizer)
+    if key not in _VOCABS:
+        _VOCABS[key] = tokenizer.get_vocab()
+    return _VOCABS[key]
+
+
+@torch.inference_mode()
+def answer_accuracy(model: PreTrainedModel, tokenizer: Any, examples: Sequence[Example],
+                    batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Per example: greedy exact match (bool) and per-character accuracy (float), by teacher forcing (see the
+    module docstring); one forward pass per batch."""
+    device = next(model.parameters()).device
+    exact, chars = [], []
+    for start in range(0, len(examples), batch_size):
+        batch = encode_batch(examples[start:start + batch_size], tokenizer, answer_only=True)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        target = batch["labels"][:, 1:].to(device)
+        scored = target != -100
+        right = (logits[:, :-1].argmax(-1) == target) & scored
+        exact.append(((right | ~scored).all(dim=1)).cpu().numpy())
+        chars.append((right.sum(1) / scored.sum(1)).float().cpu().numpy())
+    if not exact:
+        return np.zeros(0, dtype=bool), np.zeros(0)
+    return np.concatenate(exact), np.concatenate(chars)
+
+
+def task_examples(tasks: Sequence[str], n: int, split: str = "eval") -> list[Example]:
+    """The first ``n`` examples of each task's fixed split, tasks in order."""
+    return [ex for t in tasks for ex in get_task(t).split(split, n)]
+
+
+def synthetic_detail(model: PreTrainedModel, tokenizer: Any, tasks: Sequence[str], n: int,
+                     split: str = "eval") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per task: per-example exact match and per-character accuracy on the first ``n`` examples of ``split``."""
+    examples = task_examples(tasks, n, split)
+    exact, chars = answer_accuracy(model, tokenizer, examples)
+    # split() returns exactly n examples per task (it raises otherwise), in task order.
+    return {t: (exact[i * n:(i + 1) * n], chars[i * n:(i + 1) * n]) for i, t in enumerate(tasks)}
+
+
 def synthetic_evaluator(model: PreTrainedModel, tokenizer: Any, tasks: Sequence[str], n: int,
-                        split: str = "eval", batch_size: int = 512) -> dict[str, float]:
-    """Exact-match scores on the kit's synthetic tasks; all tasks decode together in large batches."""
-    examples = [ex for t in tasks for ex in get_task(t).split(split, n)]
-    longest = max(len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in examples)
-    predicted = greedy_answers(model, tokenizer, [ex.prompt for ex in examples], longest + 1, batch_size)
-    scores = {}
-    for t in tasks:
-        pairs = [(p, ex.answer) for p, ex in zip(predicted, examples, strict=True) if ex.task == t]
-        scores[t] = exact_match([p for p, _ in pairs], [a for _, a in pairs])
-    return scores
+                        split: str = "eval") -> dict[str, float]:
+    """Exact-match scores on the kit's synthetic tasks (teacher-forced, equal to greedy decoding's)."""
+    return {t: float(exact.mean()) if len(exact) else 0.0
+            for t, (exact, _) in synthetic_detail(model, tokenizer, tasks, n, split).items()}
 
 
 def resolve_evaluator(spec: str | None) -> Evaluator:

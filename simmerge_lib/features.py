@@ -57,7 +57,7 @@ from .paths import build_path
 from .probes import N_PROBES, ProbeSet, kit_probes, load_jsonl
 
 #: Bump when a feature's definition changes: cached tables and probe outputs of another version are recomputed.
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 #: Share of each task vector's entries TIES keeps (mergekit's default density).
 TIES_DENSITY = 0.2
 ID_COLUMNS = ["a", "b", "task", "same_base", "task_of_a"]
@@ -81,6 +81,16 @@ FEATURE_DOCS: dict[str, str] = {
     # --- functional: attention patterns ------------------------------------------------------------------------
     "fn_attn_cos_mean": "mean over layers of the cosine of head-averaged attention weights over valid (query, key)",
     "fn_attn_cos_min": "minimum over layers of the head-averaged attention-pattern cosine",
+    # --- functional: where the answer starts (each probe's last position), relative to the bases ---------------
+    "fn_kl_answer": "mean over probes of KL(p_a || p_b) at the position that predicts the answer's first token",
+    "fn_top1_answer": "share of probes whose first answer token is the same argmax under a and b",
+    "fn_a_base_kl": "mean KL(p_a || p_base_a) at the answer position: how far a's task vector moves this task's "
+                    "outputs",
+    "fn_b_base_kl": "mean KL(p_b || p_base_b) at the answer position: how far b's task vector moves them",
+    "fn_delta_cos": "cosine of the two moves, (log p_a - log p_base_a) and (log p_b - log p_base_b), over the answer "
+                    "positions × vocabulary: do the task vectors push this task's outputs the same way?",
+    "fn_base_entropy": "mean entropy of p_base_a at the answer position / log V: how unsure the base is on this task "
+                       "(describes the task, compares nothing)",
     # --- structural: task vectors tau = theta_expert - theta_own_base, all shared tensors -------------------
     "st_tv_cos": "cosine of the task vectors <tau_a, tau_b> / (||tau_a|| ||tau_b||), over all shared tensors",
     "st_tv_dist": "||tau_a - tau_b|| / (||tau_a|| + ||tau_b||): normalised L2 distance (0 = equal, 1 = opposite)",
@@ -111,6 +121,8 @@ FEATURE_DOCS: dict[str, str] = {
     "st_shared_frac": "share of a's parameters in tensors whose name and shape agree in all four checkpoints",
 }
 FEATURE_COLUMNS = list(FEATURE_DOCS)
+#: Features that describe the task (through the base's behaviour on its probes) without comparing two models.
+DESCRIPTOR_COLUMNS = ["fn_base_entropy"]
 FUNCTIONAL_COLUMNS = [c for c in FEATURE_COLUMNS if c.startswith("fn_")]
 STRUCTURAL_COLUMNS = [c for c in FEATURE_COLUMNS if c.startswith("st_")]
 # Structural features that change under swapping a and b; every other one is symmetric.
@@ -453,17 +465,19 @@ class ProbeOutputs:
     ``logprobs``: [n_positions, V] log-softmax of the next-token logits; ``hidden``: per layer (embedding output,
     then each block) [n_positions, width]; ``attention``: per block, the head-averaged attention weights of every
     valid (query, key <= query) pair, flattened in prompt order; ``input_ids``: the tokens at those positions (two
-    models are only comparable when these agree).
+    models are only comparable when these agree); ``last``: True at each prompt's last position, whose next-token
+    distribution is the answer's first token.
     """
 
     logprobs: torch.Tensor
     hidden: list[torch.Tensor]
     attention: list[torch.Tensor]
     input_ids: torch.Tensor
+    last: torch.Tensor
 
     def to_dict(self) -> dict[str, Any]:
         return {"logprobs": self.logprobs, "hidden": self.hidden, "attention": self.attention,
-                "input_ids": self.input_ids}
+                "input_ids": self.input_ids, "last": self.last}
 
 
 @torch.no_grad()
@@ -476,7 +490,7 @@ def run_probes(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], b
         model.set_attn_implementation("eager")
     was_training = model.training
     model.eval()
-    logps, ids = [], []
+    logps, ids, lasts = [], [], []
     hidden: list[list[torch.Tensor]] = []
     attn: list[list[torch.Tensor]] = []
     try:
@@ -490,6 +504,8 @@ def run_probes(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], b
             mask_d = mask.to(device)
             logps.append(torch.log_softmax(out.logits.float()[mask_d], dim=-1).cpu())
             ids.append(enc["input_ids"][mask])
+            lengths = mask.sum(1, keepdim=True)
+            lasts.append((position_ids == lengths - 1)[mask])
             if not hidden:
                 hidden = [[] for _ in out.hidden_states]
                 attn = [[] for _ in out.attentions]
@@ -503,7 +519,8 @@ def run_probes(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], b
         if restore is not None:
             model.set_attn_implementation(restore)
         model.train(was_training)
-    return ProbeOutputs(torch.cat(logps), [torch.cat(h) for h in hidden], [torch.cat(a) for a in attn], torch.cat(ids))
+    return ProbeOutputs(torch.cat(logps), [torch.cat(h) for h in hidden], [torch.cat(a) for a in attn], torch.cat(ids),
+                        torch.cat(lasts))
 
 
 class ProbeCache:
@@ -625,8 +642,10 @@ def _align_layers(n_a: int, n_b: int) -> list[tuple[int, int]]:
     return [(i, round(i * (n_b - 1) / max(n_a - 1, 1))) for i in range(n_a)]
 
 
-def functional_features(out_a: ProbeOutputs, out_b: ProbeOutputs) -> dict[str, float]:
-    """The ``fn_*`` features of :data:`FEATURE_DOCS` from two models' outputs on the same probes."""
+def functional_features(out_a: ProbeOutputs, out_b: ProbeOutputs, base_a: ProbeOutputs | None = None,
+                        base_b: ProbeOutputs | None = None) -> dict[str, float]:
+    """The ``fn_*`` features of :data:`FEATURE_DOCS` from two models' outputs on the same probes (and their bases'
+    outputs, for the features relative to a base: NaN without them)."""
     if out_a.input_ids.shape != out_b.input_ids.shape or not torch.equal(out_a.input_ids, out_b.input_ids):
         raise ValueError("the two models tokenised the probes differently; functional features need one tokenizer")
     if out_a.logprobs.shape[-1] != out_b.logprobs.shape[-1]:
@@ -656,6 +675,28 @@ def functional_features(out_a: ProbeOutputs, out_b: ProbeOutputs) -> dict[str, f
     att = [cosine(out_a.attention[i], out_b.attention[j])
            for i, j in _align_layers(len(out_a.attention), len(out_b.attention))]
     feats.update({"fn_attn_cos_mean": _nanstat(att, np.mean), "fn_attn_cos_min": _nanstat(att, np.min)})
+    feats.update(answer_features(out_a, out_b, base_a, base_b))
+    return feats
+
+
+def answer_features(out_a: ProbeOutputs, out_b: ProbeOutputs, base_a: ProbeOutputs | None = None,
+                    base_b: ProbeOutputs | None = None) -> dict[str, float]:
+    """The answer-position features (``fn_kl_answer`` … ``fn_base_entropy``) of :data:`FEATURE_DOCS`."""
+    last = _np(out_a.last).astype(bool)
+    la, lb = _np(out_a.logprobs)[last], _np(out_b.logprobs)[last]
+    feats = {"fn_kl_answer": float(kl_rows(la, lb).mean()),
+             "fn_top1_answer": float((la.argmax(-1) == lb.argmax(-1)).mean())}
+    nan = dict.fromkeys(["fn_a_base_kl", "fn_b_base_kl", "fn_delta_cos", "fn_base_entropy"], NAN)
+    if base_a is None or base_b is None:
+        return {**feats, **nan}
+    for base in (base_a, base_b):
+        if base.input_ids.shape != out_a.input_ids.shape or not torch.equal(base.input_ids, out_a.input_ids):
+            raise ValueError("a base tokenised the probes differently from its expert")
+    pa, pb = _np(base_a.logprobs)[last], _np(base_b.logprobs)[last]
+    delta_a, delta_b = la - pa, lb - pb
+    feats.update({"fn_a_base_kl": float(kl_rows(la, pa).mean()), "fn_b_base_kl": float(kl_rows(lb, pb).mean()),
+                  "fn_delta_cos": cosine(delta_a.ravel(), delta_b.ravel()),
+                  "fn_base_entropy": float(entropy_rows(pa).mean() / math.log(pa.shape[-1]))})
     return feats
 
 
@@ -941,9 +982,11 @@ def pair_features(a: ModelLike, b: ModelLike, base_a: ModelLike, base_b: ModelLi
     rows = []
     outs_a = cache.outputs(ra, probes, tasks) if functional else {}
     outs_b = cache.outputs(rb, probes, tasks) if functional else {}
+    outs_ba = cache.outputs(rba, probes, tasks) if functional else {}
+    outs_bb = cache.outputs(rbb, probes, tasks) if functional else {}
     with _blas_threads_for([*outs_a.values(), *outs_b.values()]):
         for task in tasks:
-            fn = functional_features(outs_a[task], outs_b[task]) if functional else \
+            fn = functional_features(outs_a[task], outs_b[task], outs_ba[task], outs_bb[task]) if functional else \
                 dict.fromkeys(FUNCTIONAL_COLUMNS, NAN)
             rows.append({"a": ra.name, "b": rb.name, "task": task, "same_base": int(rba.key == rbb.key),
                          "task_of_a": task_owner(_card_tasks(ra), _card_tasks(rb), task), **fn, **st})
@@ -977,20 +1020,19 @@ def compute_features(catalogue: Catalogue, n_probes: int = N_PROBES["default"],
     pair_tasks = {p: _pair_tasks(catalogue, *p, tasks) for p in pairs}
     needed: dict[str, list[str]] = {}
     for (a, b), ts in pair_tasks.items():
-        for m in (a, b):
+        for m in (a, b, catalogue.base_of(a).name, catalogue.base_of(b).name):
             needed.setdefault(m, [])
             needed[m] += [t for t in ts if t not in needed[m]]
     probes = probes or kit_probes(sorted({t for ts in pair_tasks.values() for t in ts}), n_probes)
     cache = cache or ProbeCache()
     order = {m.name: i for i, m in enumerate(catalogue.models)}  # catalogue order keeps the work deterministic
-    wanted = set(needed) | {catalogue.base_of(m).name for m in needed}
-    refs = {m: ModelRef.folder(catalogue.path(m), m) for m in sorted(wanted, key=order.__getitem__)}
+    refs = {m: ModelRef.folder(catalogue.path(m), m) for m in sorted(needed, key=order.__getitem__)}
     unordered = sorted({tuple(sorted(p, key=order.__getitem__)) for p in pairs},
                        key=lambda p: (order[p[0]], order[p[1]]))
     bar = tqdm(total=len(needed) + len(unordered) + len(pair_tasks), desc="features", disable=not progress,
                unit="step")
     outputs: dict[str, dict[str, ProbeOutputs]] = {}
-    for m, ts in needed.items():
+    for m, ts in sorted(needed.items(), key=lambda item: order[item[0]]):
         bar.set_postfix_str(f"probes {m}")
         outputs[m] = cache.outputs(refs[m], probes, ts)
         bar.update()
@@ -1005,11 +1047,13 @@ def compute_features(catalogue: Catalogue, n_probes: int = N_PROBES["default"],
     rows = []
     with _blas_threads_for(o for per_task in outputs.values() for o in per_task.values()):
         for (a, b), ts in pair_tasks.items():
-            same = int(catalogue.base_of(a).name == catalogue.base_of(b).name)
+            base_a, base_b = catalogue.base_of(a).name, catalogue.base_of(b).name
+            same = int(base_a == base_b)
             for t in ts:
+                fn = functional_features(outputs[a][t], outputs[b][t], outputs[base_a][t], outputs[base_b][t])
                 rows.append({"a": a, "b": b, "task": t, "same_base": same,
                              "task_of_a": task_owner(catalogue.entry(a).tasks, catalogue.entry(b).tasks, t),
-                             **functional_features(outputs[a][t], outputs[b][t]), **structural[(a, b)]})
+                             **fn, **structural[(a, b)]})
             bar.update()
     bar.close()
     return pd.DataFrame(rows, columns=ID_COLUMNS + FEATURE_COLUMNS)

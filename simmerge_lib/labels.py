@@ -2,8 +2,14 @@
 
 This is the expensive loop SimMerge exists to replace, measured once so that a predictor can learn from it.
 
-**Jobs.** One job = one 2-way merge recipe: an unordered expert pair (a, b) (``a`` before ``b`` in catalogue order),
-an operator and one grid *setting* (:data:`DEFAULT_GRID`), a seed and the evaluation settings. A job's key is the
+**Jobs.** One job = one 2-way merge recipe: an unordered expert pair (a, b) (``a`` before ``b`` in catalogue order,
+whichever order the pair was given in), an operator and one grid *setting* (:data:`DEFAULT_GRID`), a seed and the
+evaluation settings.
+
+**Order-free candidates.** A *candidate* is an operator at one setting. Every setting of the label grid is
+symmetric in the two experts (linear weight 0.5, SLERP t = 0.5, and operators that give both task vectors the same
+weight), and pairs are canonical, so no result and no policy built on the table (best fixed, a predictor) can win by
+favouring whichever model the catalogue lists first. :func:`check_order_free` enforces it for any grid. A job's key is the
 SHA-256 (16 hex digits) of the canonical recipe: method, ordered model names with their parameters, base, global
 parameters, seed, ``n_eval``, evaluator, the evaluated tasks and the catalogue's recipe hash, so any change of a
 field makes a new job and a rerun does only the jobs whose key is not in the table yet.
@@ -11,8 +17,8 @@ field makes a new job and a rerun does only the jobs whose key is not in the tab
 How a setting becomes a mergekit recipe (the ``recipe`` column; model paths as in ``catalogue.json``, relative to
 the catalogue folder):
 
-- ``linear``: models a (weight w) and b (weight 1 - w): theta = w theta_a + (1 - w) theta_b.
-- ``slerp``: ``base_model: a``, t interpolates from a (t = 0) to b (t = 1).
+- ``linear``: models a (weight w) and b (weight 1 - w): theta = w theta_a + (1 - w) theta_b (the grid uses w = 0.5).
+- ``slerp``: ``base_model: a``, t interpolates from a (t = 0) to b (t = 1) (the grid uses t = 0.5).
 - ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``: ``base_model`` = base(a), both experts with weight
   1 (``weight`` in a setting is a's share, b gets 1 - weight) and the setting's density / lambda; DARE draws its
   masks from the job seed.
@@ -31,11 +37,20 @@ where ref(t) is, for a parent task (t in tasks(a) ∪ tasks(b)), the best parent
 pairs each parent's own score on its task), and for another task the first expert of t on base(a) (NaN if there is
 none, or if ref(t) = 0).
 
-**Merge quality** of a job = mean norm_score over its parent tasks (NaN ones skipped; :func:`merge_quality`). *Wins*
-(:func:`win_shares`) compare operators at their best setting per pair: operator o wins a pair only if its best
-quality beats every other operator's best by more than ``tol``; otherwise the pair is a *tie*. *Oracle* = the best
-(method, setting) per pair in hindsight; *best fixed* = the one (method, setting) with the best mean quality over
-the pairs; *regret* = oracle - chosen; *gap* = oracle - best fixed (:func:`oracle_vs_fixed`).
+**Merge quality** of a job = mean norm_score over its parent tasks (NaN ones skipped; :func:`merge_quality`).
+*Keep the better parent* (:func:`keep_parent`) is the no-merge reference: the better of the two experts alone, scored
+the same way; a merge is worth doing only when it beats it. *Wins* (:func:`win_shares`) compare operator *families*
+(linear/SLERP, task arithmetic, TIES/DARE; :data:`FAMILIES`) at their best candidate per pair: a family wins a pair
+only if its best quality beats every other family's best by more than ``tol``; otherwise the pair is a *tie*.
+*Oracle* = the best candidate per pair in hindsight; *best fixed* = the one candidate with the best mean quality
+over the pairs; *regret* = oracle - chosen; *gap* = oracle - best fixed (:func:`oracle_vs_fixed`).
+
+**Is the gap real?** Every candidate of a pair is scored on the same examples, so the oracle's lead over best fixed
+mixes real differences with evaluation noise. Two tests: :func:`split_half_gain` chooses each pair's candidate (and
+the best fixed one) on the even-indexed evaluation examples and scores the choice on the odd ones, and vice versa
+(an honest, held-out estimate of what choosing per pair is worth); :func:`noise_gap` simulates the gap that
+binomial noise alone would produce if every candidate were equally good (a pessimistic null: it ignores that the
+candidates share their examples).
 
 The labels table (Parquet, one row per job × evaluated task; the column names are stable, other chapters read them):
 
@@ -51,6 +66,9 @@ task           str, evaluated task
 parent_task    bool, task in tasks(a) ∪ tasks(b)
 score          float, the evaluator's score (exact match for the kit's tasks)
 norm_score     float, score / ref(task) (see above)
+norm_even      float, the score on the even-indexed examples / ref(task) (kit tasks; NaN for other evaluators)
+norm_odd       float, the same on the odd-indexed examples
+char_score     float, per-character accuracy of the answers (kit tasks; NaN for other evaluators)
 seed           int, job seed (DARE masks)
 n_eval         int, examples per task
 seconds        float, wall seconds of the job (merge + evaluation), repeated on each of its rows
@@ -93,31 +111,54 @@ from .paths import build_path
 
 #: Column order of the labels table (see the module docstring).
 LABEL_COLUMNS = ["job_key", "a", "b", "base_a", "base_b", "same_base", "method", "setting", "parameters", "task",
-                 "parent_task", "score", "norm_score", "seed", "n_eval", "seconds", "versions", "recipe"]
+                 "parent_task", "score", "norm_score", "norm_even", "norm_odd", "char_score", "seed", "n_eval",
+                 "seconds", "versions", "recipe"]
+#: Columns added after the first tables were written: read as NaN from an older table.
+_LATER_COLUMNS = ("norm_even", "norm_odd", "char_score")
 #: Columns of the reference (expert) table stored beside the labels.
 REFERENCE_COLUMNS = ["ref_key", "model", "base", "task", "own_task", "score", "n_eval", "seconds"]
 
-#: The grid: per operator, the settings tried on every pair (global or per-model parameters of that operator).
+#: The grid: per operator, the order-free settings tried on every pair (global or per-model parameters).
 DEFAULT_GRID: dict[str, list[dict[str, float]]] = {
-    "linear": [{"weight": 0.3}, {"weight": 0.5}, {"weight": 0.7}],
-    "slerp": [{"t": 0.3}, {"t": 0.5}, {"t": 0.7}],
-    # lambda 0.5 would equal linear weight=0.5 exactly on same-base pairs (a guaranteed tie), so it is left out.
-    "task_arithmetic": [{"lambda": 0.7}, {"lambda": 1.0}],
+    "linear": [{"weight": 0.5}],
+    "slerp": [{"t": 0.5}],
+    # lambda 0.5 equals linear weight=0.5 exactly on same-base pairs (a guaranteed tie), so it is left out.
+    "task_arithmetic": [{"lambda": 0.8}, {"lambda": 1.0}],
     "ties": [{"density": 0.2}, {"density": 0.5}],
-    "dare_linear": [{"density": 0.2}, {"density": 0.5}],
-    "dare_ties": [{"density": 0.2}, {"density": 0.5}],
+    "dare_linear": [{"density": 0.5}],
+    "dare_ties": [{"density": 0.5}],
 }
 #: One setting per operator: the notebook's smoke profile and quick tests.
 SMOKE_GRID: dict[str, list[dict[str, float]]] = {
     "linear": [{"weight": 0.5}], "slerp": [{"t": 0.5}], "task_arithmetic": [{"lambda": 1.0}],
     "ties": [{"density": 0.5}], "dare_linear": [{"density": 0.5}], "dare_ties": [{"density": 0.5}],
 }
+#: Operator families, the level at which win shares are reported (an operator not listed is its own family).
+FAMILIES: dict[str, str] = {"linear": "linear/SLERP", "slerp": "linear/SLERP", "task_arithmetic": "task arithmetic",
+                            "ties": "TIES/DARE", "dare_ties": "TIES/DARE", "dare_linear": "TIES/DARE"}
 #: Per-profile collection settings (keyword arguments of :func:`make_jobs`): the notebook, benchmark and CLI share them.
+#: Only the parents' tasks are scored: merge quality reads nothing else, and it halves the grid's cost.
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": {"grid": SMOKE_GRID, "n_eval": 16, "cross_base_sample": 2, "tasks": "all"},
-    "default": {"grid": DEFAULT_GRID, "n_eval": 200, "cross_base_sample": 16, "tasks": "all"},
-    "full": {"grid": DEFAULT_GRID, "n_eval": 100, "cross_base_sample": 64, "tasks": "all"},
+    "smoke": {"grid": SMOKE_GRID, "n_eval": 32, "cross_base_sample": 2, "tasks": "parents"},
+    "default": {"grid": DEFAULT_GRID, "n_eval": 400, "cross_base_sample": 16, "tasks": "parents"},
+    "full": {"grid": DEFAULT_GRID, "n_eval": 512, "cross_base_sample": 64, "tasks": "parents"},
 }
+
+
+def family(method: str) -> str:
+    """The family an operator's wins are counted under (:data:`FAMILIES`)."""
+    return FAMILIES.get(method, method)
+
+
+def check_order_free(grid: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+    """Raise ValueError naming the first setting that treats the two experts differently (a ``weight`` other than
+    0.5 or a SLERP ``t`` other than 0.5): such a candidate would favour whichever model is listed first."""
+    for method, settings in grid.items():
+        for setting in settings:
+            for key in ("weight", "t"):
+                if key in setting and abs(float(setting[key]) - 0.5) > 1e-12:
+                    raise ValueError(f"grid setting {method} {dict(setting)} is not order-free: {key}={setting[key]} "
+                                     f"favours one expert of the pair; use {key}=0.5 (or a symmetric operator)")
 
 
 def profile_settings(profile: str) -> dict[str, Any]:
@@ -238,18 +279,23 @@ def make_jobs(catalogue: Catalogue, grid: Mapping[str, Sequence[Mapping[str, Any
               pairs: Iterable[tuple[str, str]] | None = None) -> list[Job]:
     """Every same-base pair plus ``cross_base_sample`` cross-base pairs (seeded sample) × every grid setting.
 
-    ``grid`` maps operator → list of settings (default :data:`DEFAULT_GRID`); ``tasks`` = ``"all"`` (every catalogue
-    task, the parents' flagged by ``parent_task``), ``"parents"`` or a list; ``pairs`` overrides the pair choice."""
+    ``grid`` maps operator → list of order-free settings (default :data:`DEFAULT_GRID`; see
+    :func:`check_order_free`); ``tasks`` = ``"all"`` (every catalogue task, the parents' flagged by
+    ``parent_task``), ``"parents"`` or a list; ``pairs`` overrides the pair choice. Each pair is put in catalogue
+    order, so (a, b) and (b, a) make the same jobs."""
     grid = DEFAULT_GRID if grid is None else grid
     for method in grid:
         get_operator(method)
+    check_order_free(grid)
     if pairs is None:
         pairs = catalogue.pairs("same_base")
         cross = catalogue.pairs("cross_base")
         k = min(int(cross_base_sample), len(cross))
         pairs = pairs + sorted(random.Random(seed).sample(cross, k), key=cross.index)
+    position = {m.name: i for i, m in enumerate(catalogue.models)}
+    pairs = [tuple(sorted(pair, key=lambda name: position.get(name, -1))) for pair in pairs]
     jobs = []
-    for a, b in pairs:
+    for a, b in dict.fromkeys(pairs):
         if tasks == "parents":
             parents = set(catalogue.entry(a).tasks) | set(catalogue.entry(b).tasks)
             chosen: list[str] | None = [t for t in catalogue.tasks if t in parents]
@@ -289,17 +335,11 @@ class _Context:
     def skeleton(self, name: str) -> tuple[Any, Any]:
         config = (self.catalogue.path(name) / "config.json").read_text()
         if config not in self.skeletons:
-            from transformers.utils import logging as hf_logging
-
+            from .checkpoint import quiet_transformers
             from .evaluate import load_model
 
-            shown = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker is noise under our own bar
-            try:
+            with quiet_transformers():  # one "Loading weights" bar per worker is noise under our own bar
                 self.skeletons[config] = load_model(self.catalogue.path(name), self.device)
-            finally:
-                if shown:
-                    hf_logging.enable_progress_bar()
         return self.skeletons[config]
 
 
@@ -330,20 +370,34 @@ def _model_bytes(ctx: _Context, name: str) -> int:
     return sum(p.stat().st_size for p in set(weight_files(ctx.catalogue.path(name)).values()))
 
 
-def _merged_scores(ctx: _Context, job: Job) -> dict[str, float]:
-    from .evaluate import evaluate_model, evaluate_state_dict
+def _scored(ctx: _Context, model: Any, tok: Any, job: Job) -> dict[str, dict[str, float]]:
+    """{task: {"score", "even", "odd", "char"}}: the kit's evaluator gives per-example detail (the halves of the
+    split-half test and per-character accuracy); a user's evaluator gives the score only (the rest NaN)."""
+    if ctx.catalogue.evaluator is None:
+        from .evaluate import synthetic_detail
+
+        return {t: {"score": float(exact.mean()), "even": float(exact[0::2].mean()), "odd": float(exact[1::2].mean()),
+                    "char": float(chars.mean())}
+                for t, (exact, chars) in synthetic_detail(model, tok, job.tasks, job.n_eval).items()}
+    from .evaluate import evaluate_model
+
+    frame = evaluate_model(model, tok, job.tasks, job.n_eval, ctx.evaluator)
+    return {t: {"score": float(s), "even": np.nan, "odd": np.nan, "char": np.nan} for t, s in zip(frame.task, frame.score)}
+
+
+def _merged_scores(ctx: _Context, job: Job) -> dict[str, dict[str, float]]:
     from .recipe import Recipe
 
     large = _model_bytes(ctx, job.a) > IN_MEMORY_LIMIT
     if job.method == "expert":  # reference job: the expert itself
         if large:
-            from .evaluate import evaluate_checkpoint
+            from .evaluate import load_model
 
-            frame = evaluate_checkpoint(ctx.catalogue.path(job.a), job.tasks, job.n_eval, ctx.evaluator, ctx.device)
-        else:
-            model, tok = ctx.skeleton(job.a)
-            frame = evaluate_state_dict(model, tok, ctx.state(job.a), job.tasks, job.n_eval, ctx.evaluator)
-        return dict(zip(frame.task, frame.score))
+            model, tok = load_model(ctx.catalogue.path(job.a), ctx.device)
+            return _scored(ctx, model, tok, job)
+        model, tok = ctx.skeleton(job.a)
+        model.load_state_dict(ctx.state(job.a), strict=True)
+        return _scored(ctx, model, tok, job)
     if large:
         # Large checkpoints: stream the merge to disk one tensor at a time, then load the result once.
         from .engine import merge
@@ -353,9 +407,9 @@ def _merged_scores(ctx: _Context, job: Job) -> dict[str, float]:
         with tempfile.TemporaryDirectory(prefix="simmerge-label-") as tmp:
             out = merge(recipe, Path(tmp) / "merged", device=ctx.device, progress=False)
             model, tok = load_model(out, ctx.device)
-            frame = evaluate_model(model, tok, job.tasks, job.n_eval, ctx.evaluator)
+            scores = _scored(ctx, model, tok, job)
             del model
-        return dict(zip(frame.task, frame.score))
+        return scores
     from .operators import merge_state_dicts
 
     # In memory: the recipe's model names index the cached state dicts (no disk I/O per job).
@@ -366,8 +420,8 @@ def _merged_scores(ctx: _Context, job: Job) -> dict[str, float]:
     merged = merge_state_dicts(job.method, [ctx.state(s.model) for s in specs], base,
                                [dict(s.parameters) for s in specs], recipe.parameters, ctx.layers(job.a))
     model, tok = ctx.skeleton(job.a)
-    frame = evaluate_state_dict(model, tok, merged, job.tasks, job.n_eval, ctx.evaluator)
-    return dict(zip(frame.task, frame.score))
+    model.load_state_dict(merged, strict=True)
+    return _scored(ctx, model, tok, job)
 
 
 def _with_paths_name(catalogue: Catalogue, name: str) -> str:
@@ -397,7 +451,8 @@ def run_job(root: str, job: Job, device: str = "cpu") -> dict[str, Any]:
         seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
-    return {"key": job.key, "scores": {t: float(scores[t]) for t in job.tasks}, "seconds": seconds}
+    return {"key": job.key, "scores": {t: scores[t]["score"] for t in job.tasks},
+            "detail": {t: scores[t] for t in job.tasks}, "seconds": seconds}
 
 
 def _worker_init() -> None:
@@ -519,6 +574,9 @@ def _read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
         frame = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise ValueError(f"{path}: not a readable Parquet labels table ({exc})") from None
+    for column in _LATER_COLUMNS:
+        if column in columns and column not in frame.columns:
+            frame[column] = np.nan
     missing = set(columns) - set(frame.columns)
     if missing:
         raise ValueError(f"{path}: not a labels table (missing column(s) {sorted(missing)})")
@@ -667,12 +725,19 @@ def _rows(catalogue: Catalogue, job: Job, result: Mapping[str, Any], ref: Mappin
     rows = []
     for task in job.tasks:
         score = float(result["scores"][task])
+        detail = result.get("detail", {}).get(task, {})
         denom = _reference_score(catalogue, job, task, ref)
-        norm = score / denom if denom and np.isfinite(denom) and denom > 0 else np.nan
+        valid = bool(denom and np.isfinite(denom) and denom > 0)
+
+        def norm(value: float) -> float:
+            return value / denom if valid else np.nan
+
         rows.append({"job_key": job.key, "a": job.a, "b": job.b, "base_a": job.base_a, "base_b": job.base_b,
                      "same_base": job.base_a == job.base_b, "method": job.method, "setting": job.setting,
                      "parameters": parameters, "task": task, "parent_task": task in job.parent_tasks,
-                     "score": score, "norm_score": norm, "seed": job.seed, "n_eval": job.n_eval,
+                     "score": score, "norm_score": norm(score), "norm_even": norm(detail.get("even", np.nan)),
+                     "norm_odd": norm(detail.get("odd", np.nan)), "char_score": detail.get("char", np.nan),
+                     "seed": job.seed, "n_eval": job.n_eval,
                      "seconds": float(result["seconds"]), "versions": versions, "recipe": recipe_text})
     return rows
 
@@ -694,11 +759,16 @@ def merge_quality(labels: pd.DataFrame) -> pd.DataFrame:
     """One row per pair × method × setting (× seed): quality = mean norm_score over the parent tasks.
 
     Columns: job_key, a, b, base_a, base_b, same_base, method, setting, seed, tasks (parent tasks, comma-joined),
-    quality, mean_score (raw), seconds."""
-    parents = labels[labels.parent_task]
+    quality, quality_even, quality_odd (the same on each half of the evaluation examples; NaN without them),
+    mean_score (raw), seconds."""
+    parents = labels[labels.parent_task.astype(bool)]
+    for column in _LATER_COLUMNS:
+        if column not in parents.columns:
+            parents = parents.assign(**{column: np.nan})
     keys = ["job_key", *PAIR_COLUMNS, "method", "setting", "seed"]
     grouped = parents.groupby(keys, sort=False, dropna=False)
     frame = grouped.agg(tasks=("task", lambda s: ",".join(sorted(s))), quality=("norm_score", "mean"),
+                        quality_even=("norm_even", "mean"), quality_odd=("norm_odd", "mean"),
                         mean_score=("score", "mean"), seconds=("seconds", "first")).reset_index()
     return frame
 
@@ -714,10 +784,15 @@ def best_per_method(quality: pd.DataFrame) -> pd.DataFrame:
     return q.loc[idx].reset_index(drop=True)
 
 
-def pair_winners(quality: pd.DataFrame, tol: float = 0.01) -> pd.DataFrame:
-    """Per pair: the winning operator, or ``"tie"`` when no operator's best beats every other's by more than tol.
+def pair_winners(quality: pd.DataFrame, tol: float = 0.01, level: str = "method") -> pd.DataFrame:
+    """Per pair: the winning operator (``level="family"``: operator family, :func:`family`), or ``"tie"`` when no
+    operator's best beats every other's by more than tol.
 
     Columns: a, b, same_base, tasks, winner, best, runner_up, margin (best - runner-up)."""
+    if level == "family":
+        quality = quality.assign(method=quality.method.map(family))
+    elif level != "method":
+        raise ValueError(f"level must be 'method' or 'family', got {level!r}")
     best = best_per_method(quality)
     rows = []
     for (a, b), group in best.groupby(["a", "b"], sort=False):
@@ -731,14 +806,16 @@ def pair_winners(quality: pd.DataFrame, tol: float = 0.01) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["a", "b", "same_base", "tasks", "winner", "best", "runner_up", "margin"])
 
 
-def win_shares(quality: pd.DataFrame, tol: float = 0.01, same_base_only: bool = True) -> pd.DataFrame:
-    """Share of pairs each operator wins (by a margin > ``tol`` over every other operator's best setting).
+def win_shares(quality: pd.DataFrame, tol: float = 0.01, same_base_only: bool = True,
+               level: str = "method") -> pd.DataFrame:
+    """Share of pairs each operator (``level="family"``: each family) wins, by a margin > ``tol`` over every other
+    one's best candidate.
 
     One row per operator (all operators present, zero wins included) plus a ``tie`` row. Columns: method, wins,
     share (wins / all pairs; the shares and the tie share sum to 1), share_decided (wins / pairs not tied)."""
     q = quality[quality.same_base] if same_base_only else quality
-    winners = pair_winners(q, tol)
-    methods = list(dict.fromkeys(q.method))
+    winners = pair_winners(q, tol, level)
+    methods = list(dict.fromkeys(q.method if level == "method" else q.method.map(family)))
     counts = winners.winner.value_counts()
     n, decided = len(winners), int((winners.winner != "tie").sum())
     rows = [{"method": m, "wins": int(counts.get(m, 0))} for m in [*methods, "tie"]]
@@ -786,21 +863,123 @@ def oracle_vs_fixed(quality: pd.DataFrame, fixed: tuple[str, str | None] | None 
     return pd.DataFrame(rows)
 
 
-def summarize(labels: pd.DataFrame, tol: float = 0.01) -> dict[str, Any]:
-    """The headline numbers: jobs, rows, seconds, win shares (same-base), max_win_share, best fixed, mean gap."""
+def keep_parent(labels: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    """Per pair of ``labels``: the quality of keeping one expert alone (no merge), scored like a merge.
+
+    For parent p of the pair, q_p = mean over the parent tasks t of score(p, t) / ref(t), with the same normalizer
+    ref(t) as the labels (the best parent's own score on t) and the reference table's scores at the labels' n_eval.
+    Columns: a, b, same_base, keep_a, keep_b, keep_parent (= max of the two: *keep the better parent*), kept."""
+    scores = {(r.model, r.task, int(r.n_eval)): float(r.score) for r in reference.itertuples(index=False)}
+    rows = []
+    parents = labels[labels.parent_task.astype(bool)]
+    for (a, b), pair in parents.groupby(["a", "b"], sort=False):
+        n = int(pair.n_eval.iloc[0])
+        # a task's normalizer is the row's score / norm_score (the same for every job of the pair)
+        ref = (pair.score / pair.norm_score).groupby(pair.task).median()
+        keep = {}
+        for p in (a, b):
+            values = [scores.get((p, t, n), np.nan) / ref[t] if ref[t] > 0 else np.nan for t in ref.index]
+            keep[p] = float(np.nanmean(values)) if not np.all(np.isnan(values)) else np.nan
+        best = max(keep, key=lambda p: -np.inf if np.isnan(keep[p]) else keep[p])
+        rows.append({"a": a, "b": b, "same_base": bool(pair.same_base.iloc[0]), "keep_a": keep[a],
+                     "keep_b": keep[b], "keep_parent": keep[best], "kept": best})
+    return pd.DataFrame(rows, columns=["a", "b", "same_base", "keep_a", "keep_b", "keep_parent", "kept"])
+
+
+def _candidate_table(quality: pd.DataFrame, column: str = "quality") -> pd.DataFrame:
+    """Pairs × candidates (``method:setting``) of one quality column."""
+    q = quality.assign(candidate=quality.method + ":" + quality.setting)
+    return q.pivot_table(index=["a", "b"], columns="candidate", values=column, aggfunc="mean", sort=False)
+
+
+def split_half_gain(quality: pd.DataFrame) -> float:
+    """What choosing each pair's candidate is worth on held-out examples, against the best fixed candidate.
+
+    Choose on one half of the evaluation examples (each pair's best candidate, and the best fixed candidate over the
+    pairs), score both choices on the other half: gain = mean over pairs of q_other(chosen) - q_other(fixed). The
+    mean of both directions (even → odd, odd → even). NaN when the table has no halves."""
+    gains = []
+    for pick, score in (("quality_even", "quality_odd"), ("quality_odd", "quality_even")):
+        chooser, scorer = _candidate_table(quality, pick), _candidate_table(quality, score)
+        chooser, scorer = chooser.dropna(how="any"), scorer.dropna(how="any")
+        common = chooser.index.intersection(scorer.index)
+        if not len(common) or chooser.shape[1] < 2:
+            return float("nan")
+        chooser, scorer = chooser.loc[common], scorer.loc[common, chooser.columns]
+        fixed = chooser.mean().idxmax()
+        chosen = chooser.to_numpy().argmax(axis=1)
+        held_out = scorer.to_numpy()[np.arange(len(common)), chosen]
+        gains.append(float((held_out - scorer[fixed].to_numpy()).mean()))
+    return float(np.mean(gains))
+
+
+def noise_gap(labels: pd.DataFrame, n_sim: int = 200, seed: int = 0) -> float:
+    """The oracle - fixed gap that evaluation noise alone would produce: a null-model simulation.
+
+    For each pair, every candidate is given the same true accuracy per parent task, p_t = mean over candidates of
+    the measured score; scores are redrawn as Binomial(n_eval, p_t) / n_eval, normalized like the labels, and
+    averaged over the tasks. The mean over pairs and draws of max_c q(c) - q(c_0) is the gap an oracle would show
+    over a fixed choice even if no candidate were better than another. Pessimistic: in the real table the
+    candidates of a pair share their examples, so their errors are correlated and the real noise gap is smaller
+    (:func:`split_half_gain` is the honest test)."""
+    rng = np.random.default_rng(seed)
+    rows = labels[labels.parent_task.astype(bool)].dropna(subset=["norm_score"])
+    gaps = []
+    for _, pair in rows.groupby(["a", "b"], sort=False):
+        score = pair.pivot_table(index=["method", "setting"], columns="task", values="score", aggfunc="mean")
+        norm = pair.pivot_table(index=["method", "setting"], columns="task", values="norm_score", aggfunc="mean")
+        if len(score) < 2:
+            continue
+        factor = (norm / score.where(score > 0)).mean().fillna(0.0).to_numpy()  # 1 / ref(t), shared by candidates
+        p = score.mean().to_numpy().clip(0, 1)
+        n = int(pair.n_eval.iloc[0]) if "n_eval" in pair else 50
+        draws = rng.binomial(n, p, size=(n_sim, len(score), len(p))) / n * factor
+        q = draws.mean(axis=2)
+        gaps.append(float((q.max(axis=1) - q[:, 0]).mean()))
+    return float(np.mean(gaps)) if gaps else float("nan")
+
+
+def summarize(labels: pd.DataFrame, tol: float = 0.01, reference: pd.DataFrame | None = None) -> dict[str, Any]:
+    """The headline numbers of a labels table (same-base pairs unless named otherwise): jobs, rows, seconds,
+    family win shares with ``max_win_share`` / ``min_family_win_share``, best fixed, the oracle - best fixed gap
+    with its split-half and noise-only counterparts, best-merge quality on same- and cross-base pairs and, given
+    the ``reference`` table, keeping the better parent and how often the best merge beats it."""
     quality = merge_quality(labels)
-    shares = win_shares(quality, tol)
+    shares = win_shares(quality, tol, level="family")
+    ops = shares[shares.method != "tie"]
     same = quality[quality.same_base].dropna(subset=["quality"])
+    cross = quality[~quality.same_base].dropna(subset=["quality"])
     fixed = best_fixed(same) if len(same) else (None, None)
-    gaps = oracle_vs_fixed(same, fixed) if len(same) else pd.DataFrame({"gap": []})
+    gaps = oracle_vs_fixed(same, fixed) if len(same) else pd.DataFrame({"gap": [], "oracle": []})
     per_job = labels.drop_duplicates("job_key").seconds
-    return {"jobs": int(labels.job_key.nunique()), "rows": int(len(labels)),
-            "seconds_total": round(float(per_job.sum()), 2),
-            "seconds_per_job": round(float(per_job.mean()), 4) if len(per_job) else None,
-            "win_share": {r.method: round(float(r.share), 4) for r in shares.itertuples()},
-            "max_win_share": round(max_win_share(shares), 4),
-            "best_fixed": "/".join(str(x) for x in fixed),
-            "oracle_minus_best_fixed": round(float(gaps.gap.mean()), 4) if len(gaps) else None}
+    out: dict[str, Any] = {
+        "jobs": int(labels.job_key.nunique()), "rows": int(len(labels)),
+        "seconds_total": round(float(per_job.sum()), 2),
+        "seconds_per_job": round(float(per_job.mean()), 4) if len(per_job) else None,
+        "pairs_same_base": int(same.groupby(["a", "b"]).ngroups),
+        "pairs_cross_base": int(cross.groupby(["a", "b"]).ngroups),
+        "win_share": {r.method: round(float(r.share), 4) for r in shares.itertuples()},
+        "max_win_share": round(max_win_share(shares), 4),
+        "min_family_win_share": round(float(ops.share.min()), 4) if len(ops) else None,
+        "best_fixed": "/".join(str(x) for x in fixed),
+        "mean_best_quality_same_base": round(float(gaps.oracle.mean()), 4) if len(gaps) else None,
+        "mean_best_quality_cross_base": (round(float(cross.groupby(["a", "b"]).quality.max().mean()), 4)
+                                         if len(cross) else None),
+        "oracle_minus_best_fixed": round(float(gaps.gap.mean()), 4) if len(gaps) else None,
+        "split_half_gain": round(split_half_gain(same), 4) if len(same) else None,
+        "noise_gap": round(noise_gap(labels[labels.same_base.astype(bool)]), 4) if len(same) else None,
+    }
+    if reference is not None:
+        for kind, frame in (("", same), ("_cross_base", cross)):
+            if not len(frame):
+                continue
+            best = frame.groupby(["a", "b"]).quality.max()
+            keep = keep_parent(labels.merge(best.reset_index()[["a", "b"]]), reference).set_index(["a", "b"])
+            keep = keep.loc[best.index]
+            if not kind:
+                out["mean_keep_parent_quality"] = round(float(keep.keep_parent.mean()), 4)
+            out[f"frac_merge_beats_parent{kind}"] = round(float((best > keep.keep_parent).mean()), 4)
+    return out
 
 
 # --- CLI -------------------------------------------------------------------------------------------------------------
@@ -826,7 +1005,8 @@ def _cmd_labels(args: argparse.Namespace) -> int:
         print(f"simmerge labels: interrupted; finished rows are in {out} (rerun the same command to resume)",
               file=sys.stderr)
         return 130
-    print(json.dumps(summarize(labels, args.tol)))
+    reference = _read_table(reference_path(out), REFERENCE_COLUMNS)
+    print(json.dumps(summarize(labels, args.tol, reference)))
     print(f"labels: {out}")
     return 0
 

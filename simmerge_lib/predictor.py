@@ -945,7 +945,7 @@ def synthetic_tables(n_experts: int = 6, tasks: Sequence[str] = ("reverse", "sor
                                   "base_b": bb, "same_base": ba == bb, "method": method, "setting": setting,
                                   "parameters": params, "task": t, "parent_task": parent,
                                   "score": 0.0, "norm_score": float(base_q + rng.normal(0, noise)) if parent else 0.1,
-                                  "seed": 0, "n_eval": 50, "seconds": 0.0, "versions": "{}", "recipe": ""})
+                                  "norm_even": np.nan, "norm_odd": np.nan, "char_score": np.nan, "seed": 0, "n_eval": 50, "seconds": 0.0, "versions": "{}", "recipe": ""})
     return pd.DataFrame(frows), pd.DataFrame(lrows)
 
 

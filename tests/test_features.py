@@ -46,6 +46,33 @@ def _expert(base: dict[str, torch.Tensor], tau: dict[str, torch.Tensor], sign: f
     return {k: base[k] + sign * tau[k] for k in base}
 
 
+def _outputs(logprobs, last):
+    n = len(last)
+    return F.ProbeOutputs(torch.tensor(logprobs, dtype=torch.float32).log(), [], [], torch.arange(n),
+                          torch.tensor(last))
+
+
+def test_answer_features_read_the_last_position_relative_to_the_bases():
+    """Hand-computed on two probes of two positions each, V = 2: only the last positions count."""
+    last = [False, True, False, True]
+    base = _outputs([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5]], last)
+    a = _outputs([[0.9, 0.1], [0.8, 0.2], [0.9, 0.1], [0.8, 0.2]], last)
+    b = _outputs([[0.1, 0.9], [0.2, 0.8], [0.1, 0.9], [0.4, 0.6]], last)
+    feats = F.answer_features(a, b, base, base)
+    kl = lambda p, q: sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))  # noqa: E731
+    assert feats["fn_kl_answer"] == pytest.approx((kl([0.8, 0.2], [0.2, 0.8]) + kl([0.8, 0.2], [0.4, 0.6])) / 2, 1e-5)
+    assert feats["fn_top1_answer"] == pytest.approx(0.0)  # a answers token 0 on both probes, b token 1
+    assert feats["fn_a_base_kl"] == pytest.approx(kl([0.8, 0.2], [0.5, 0.5]), 1e-5)
+    assert feats["fn_b_base_kl"] == pytest.approx((kl([0.2, 0.8], [0.5, 0.5]) + kl([0.4, 0.6], [0.5, 0.5])) / 2, 1e-5)
+    assert feats["fn_base_entropy"] == pytest.approx(1.0, 1e-6)  # uniform base: maximal uncertainty
+    move_a = np.log([0.8 / 0.5, 0.2 / 0.5] * 2)
+    move_b = np.log([0.2 / 0.5, 0.8 / 0.5, 0.4 / 0.5, 0.6 / 0.5])
+    assert feats["fn_delta_cos"] == pytest.approx(move_a @ move_b / np.linalg.norm(move_a) / np.linalg.norm(move_b), 1e-5)
+    assert feats["fn_delta_cos"] < -0.5  # the two experts push this task's answers opposite ways
+    without = F.answer_features(a, b)
+    assert math.isnan(without["fn_a_base_kl"]) and without["fn_kl_answer"] == feats["fn_kl_answer"]
+
+
 def test_task_vector_cosine_and_sign_conflict_of_tau_and_minus_tau():
     model, _ = tiny_llama(seed=0)
     base = {k: v.clone() for k, v in model.state_dict().items()}
@@ -180,7 +207,8 @@ def test_feature_rows_are_identical_across_runs(tiny_catalogue):
     df = runs[0]
     assert list(df.columns) == F.ID_COLUMNS + F.FEATURE_COLUMNS and set(F.FEATURE_DOCS) == set(F.FEATURE_COLUMNS)
     assert len(df) == 2 + 2 + 2  # one row per ordered pair × task of a or b
-    assert caches[0].forward_passes == 7 and caches[0].model_loads == 3  # one pass per model and task, not per pair
+    # one pass per model and task, not per pair: the 3 experts on 7 (model, task)s, their 2 bases on 5
+    assert caches[0].forward_passes == 7 + 5 and caches[0].model_loads == 3 + 2
     fwd = df[(df.a == "base0-reverse") & (df.b == "base0-sort")].set_index("task")
     back = df[(df.a == "base0-sort") & (df.b == "base0-reverse")].set_index("task")
     assert fwd["fn_js_mean"].equals(back["fn_js_mean"]) and not fwd["fn_kl_mean"].equals(back["fn_kl_mean"])

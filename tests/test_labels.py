@@ -8,6 +8,7 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from simmerge_lib import labels as L
@@ -33,7 +34,8 @@ SOFT_EVALUATOR = textwrap.dedent('''
             out[t] = float(per_example.exp().mean())
         return out
 ''')
-GRID = {"linear": [{"weight": 0.3}, {"weight": 0.7}], "ties": [{"density": 0.5}], "dare_ties": [{"density": 0.5}]}
+GRID = {"linear": [{"weight": 0.5}], "task_arithmetic": [{"lambda": 1.0}], "ties": [{"density": 0.5}],
+        "dare_ties": [{"density": 0.5}]}
 VOLATILE = ["seconds", "versions"]
 
 
@@ -111,12 +113,49 @@ def test_make_jobs_covers_pairs_and_grid(tiny_catalogue):
     assert set(cat.pairs("same_base")) <= pairs
     assert len(pairs - set(cat.pairs("same_base"))) == 2
     assert len(jobs) == len(pairs) * 4 and len({j.key for j in jobs}) == len(jobs)
-    assert {j.setting for j in jobs} == {"weight=0.3", "weight=0.7", "density=0.5"}
+    assert {j.setting for j in jobs} == {"weight=0.5", "lambda=1", "density=0.5"}
     assert L.make_jobs(cat, GRID, cross_base_sample=2, seed=3) == jobs
     parents_only = L.make_jobs(cat, GRID, cross_base_sample=0, tasks="parents")
     assert all(j.tasks == j.parent_tasks and len(j.tasks) == 2 for j in parents_only)
     with pytest.raises(ValueError, match="unknown parameter"):
         L.make_jobs(cat, {"linear": [{"density": 0.2}]})
+
+
+def test_jobs_are_order_free(tiny_catalogue):
+    """Swapping every pair gives the same jobs, and a setting that favours one expert is refused."""
+    cat = Catalogue.load(tiny_catalogue)
+    pairs = cat.pairs("same_base") + cat.pairs("cross_base")[:2]
+    forward = L.make_jobs(cat, L.DEFAULT_GRID, pairs=pairs)
+    swapped = L.make_jobs(cat, L.DEFAULT_GRID, pairs=[(b, a) for a, b in pairs])
+    assert [j.key for j in forward] == [j.key for j in swapped]
+    for grid in ({"linear": [{"weight": 0.3}]}, {"slerp": [{"t": 0.7}]}):
+        with pytest.raises(ValueError, match="not order-free"):
+            L.make_jobs(cat, grid, pairs=pairs)
+
+
+def test_every_grid_candidate_is_symmetric_in_its_experts(tiny_catalogue):
+    """merge(a, b) = merge(b, a) for every candidate of the default grid (DARE: with the same mask per expert)."""
+    from simmerge_lib.checkpoint import load_state_dict
+    from simmerge_lib.operators import merge_state_dicts
+    from simmerge_lib.recipe import Recipe
+
+    cat = Catalogue.load(tiny_catalogue)
+    states = {m.name: load_state_dict(cat.path(m.name)) for m in cat.models}
+    a, b = "base0-reverse", "base0-sort"
+
+    def merged(first, second, method, setting):
+        recipe = Recipe.from_dict(L.job_recipe(method, first, second, "base0", setting, seed=3))
+        specs, base = recipe.merge_inputs()
+        return merge_state_dicts(method, [states[s.model] for s in specs], states[base.model] if base else None,
+                                 [dict(s.parameters) for s in specs], recipe.parameters, 2)
+
+    for method, settings in L.DEFAULT_GRID.items():
+        if method.startswith("dare"):
+            continue  # masks are drawn per position in the recipe; pairs are canonical, so no swap ever happens
+        for setting in settings:
+            one, other = merged(a, b, method, setting), merged(b, a, method, setting)
+            for name in one:
+                assert torch.allclose(one[name], other[name], atol=1e-6), (method, setting, name)
 
 
 def test_recipes_follow_the_documented_conventions(tiny_catalogue):
@@ -223,7 +262,7 @@ def test_cli_runs_and_reports(soft_catalogue, tmp_path, capsys):
                  "--workers", "1", "--cross-base-sample", "0", "--tasks", "parents"]) == 0
     summary = json.loads(capsys.readouterr().out.splitlines()[0])
     assert summary["jobs"] == 6 * 6 and summary["rows"] == 6 * 6 * 2
-    assert set(summary["win_share"]) == {*L.SMOKE_GRID, "tie"}
+    assert set(summary["win_share"]) == {*map(L.family, L.SMOKE_GRID), "tie"}
     assert main(["labels", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "no catalogue file" in capsys.readouterr().err
 
@@ -274,3 +313,40 @@ def test_oracle_and_best_fixed():
     assert table.gap.tolist() == pytest.approx([0.0, 0.2, 0.0])
     assert table.oracle_method.tolist()[:2] == ["linear", "ties"]
     assert np.isfinite(table.fixed).all()
+
+
+def test_family_wins_and_best_fixed_do_not_depend_on_pair_order():
+    q = _quality([
+        ("p", "q", "linear", "weight=0.5", 0.9), ("p", "q", "slerp", "t=0.5", 0.92), ("p", "q", "ties", "density=0.2", 0.5),
+        ("r", "s", "linear", "weight=0.5", 0.4), ("r", "s", "slerp", "t=0.5", 0.4), ("r", "s", "ties", "density=0.2", 0.6),
+    ])
+    shares = L.win_shares(q, tol=0.01, level="family").set_index("method")
+    assert shares.loc[["linear/SLERP", "TIES/DARE", "tie"], "wins"].tolist() == [1, 1, 0]
+    swapped = q.rename(columns={"a": "b", "b": "a"})
+    assert L.best_fixed(swapped) == L.best_fixed(q)
+    assert L.oracle_vs_fixed(swapped).gap.sum() == pytest.approx(L.oracle_vs_fixed(q).gap.sum())
+
+
+def test_split_half_gain_chooses_on_one_half_and_scores_on_the_other():
+    # Pair p: linear is better on both halves; pair r: ties looks better on the even half only (noise).
+    q = _quality([("p", "q", "linear", "weight=0.5", 0.0), ("p", "q", "ties", "density=0.2", 0.0),
+                  ("r", "s", "linear", "weight=0.5", 0.0), ("r", "s", "ties", "density=0.2", 0.0)])
+    q["quality_even"] = [0.9, 0.5, 0.5, 0.8]
+    q["quality_odd"] = [0.9, 0.5, 0.6, 0.5]
+    # even -> odd: fixed = linear (mean 0.70 vs 0.65); per pair p linear, r ties; on odd: p 0, r 0.5 - 0.6 -> -0.05
+    # odd -> even: fixed = linear (0.75 vs 0.50); per pair p linear, r linear -> gain 0
+    assert L.split_half_gain(q) == pytest.approx(-0.025)
+    q["quality_odd"] = [0.9, 0.5, 0.5, 0.8]  # the same ranking on both halves: choosing per pair is worth 0.15
+    assert L.split_half_gain(q) == pytest.approx(0.15)
+
+
+def test_keep_parent_scores_each_expert_alone_like_a_merge():
+    labels = pd.DataFrame({"a": "e1", "b": "e2", "same_base": True, "task": ["x", "y"], "parent_task": True,
+                           "n_eval": 10, "score": [0.5, 0.4], "norm_score": [0.5 / 0.8, 0.4 / 0.5]})
+    reference = pd.DataFrame({"model": ["e1", "e1", "e2", "e2"], "task": ["x", "y", "x", "y"], "n_eval": 10,
+                              "score": [0.8, 0.25, 0.4, 0.5]})
+    keep = L.keep_parent(labels, reference).iloc[0]
+    assert keep.keep_a == pytest.approx((1.0 + 0.5) / 2) and keep.keep_b == pytest.approx((0.5 + 1.0) / 2)
+    reference.loc[1, "score"] = 0.4
+    keep = L.keep_parent(labels, reference).iloc[0]
+    assert keep.kept == "e1" and keep.keep_parent == pytest.approx((1.0 + 0.8) / 2)

@@ -9,14 +9,18 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from simmerge_lib.catalogue import Catalogue
-from simmerge_lib.evaluate import evaluate_checkpoint, evaluate_model, greedy_answers, resolve_evaluator
+from simmerge_lib.evaluate import (answer_accuracy, evaluate_checkpoint, evaluate_model, greedy_answers,
+                                   resolve_evaluator, task_examples)
 from simmerge_lib.tasks import get_task
-from simmerge_lib.zoo import (ModelSize, ZooRecipe, _trainable_filter, build_catalogue, encode_batch,
-                              recipe_for_profile, task_vector_stats, transfer_recipe)
+from simmerge_lib.zoo import (BaseRecipe, ExpertStyle, ModelSize, ZooRecipe, build_catalogue, encode_batch,
+                              recipe_for_profile, task_vector_stats, trainable_filter, transfer_recipe)
 
+MICRO_STYLES = (ExpertStyle("fast", "all", lr=3e-3, replay=0.5, max_steps=40),
+                ExpertStyle("mlp-kl", "mlp", lr=3e-3, replay=0.5, replay_target="base", max_steps=20))
 MICRO = ZooRecipe(name="micro", size=ModelSize(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64),
-                  tasks=("max", "reverse"), n_bases=2, base_steps=30, batch_size=16,
-                  experts=(("max", "all", 40, 3e-3), ("reverse", "mlp", 20, 3e-3)), max_rounds=1, eval_n=8)
+                  tasks=("max", "reverse"), n_bases=2, styles=MICRO_STYLES,
+                  base=BaseRecipe(batch_size=16, chunk=20, anneal_steps=10, max_steps=20, dev_n=8),
+                  experts=(("max", "fast"), ("reverse", "mlp-kl")), batch_size=16, chunk=20, eval_n=8)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +39,8 @@ def test_build_writes_loadable_checkpoints(micro):
     assert greedy_answers(model.eval(), tok, ["M123="], max_new_tokens=3)[0] != "<unk>"
     card = json.loads((folder / "simmerge_card.json").read_text())
     assert card["base"] == "base0" and card["tasks"] == ["max"] and set(card["scores"]) == {"max", "reverse"}
-    assert card["recipe"]["variant"] == "all" and card["recipe"]["steps_trained"] == 40
+    assert card["recipe"]["style"] == "fast" and card["recipe"]["steps_trained"] == 40
+    assert set(card["char_scores"]) == {"max", "reverse"}
     reloaded = Catalogue.load(micro.root)
     assert reloaded.recipe_hash == MICRO.digest()
     assert reloaded.entry("base1-reverse").scores == micro.entry("base1-reverse").scores
@@ -46,7 +51,7 @@ def test_bases_differ_and_experts_move_only_what_they_train(micro):
 
     b0, b1 = (load_state_dict(micro.path(n)) for n in ("base0", "base1"))
     assert not torch.equal(b0["model.embed_tokens.weight"], b1["model.embed_tokens.weight"])
-    expert = load_state_dict(micro.path("base0-reverse"))  # variant "mlp"
+    expert = load_state_dict(micro.path("base0-reverse"))  # style "mlp-kl": MLP only
     moved = {k for k in b0 if not torch.equal(b0[k], expert[k])}
     assert moved and all(".mlp." in k for k in moved)
 
@@ -56,8 +61,40 @@ def test_cache_is_reused_and_recipe_change_rebuilds(micro):
     mtime = weights.stat().st_mtime_ns
     again = build_catalogue("micro", root=micro.root, recipe=MICRO, progress=False)
     assert weights.stat().st_mtime_ns == mtime and again.recipe_hash == micro.recipe_hash
-    changed = dataclasses.replace(MICRO, base_steps=31)
+    changed = dataclasses.replace(MICRO, base=dataclasses.replace(MICRO.base, max_steps=21))
     assert changed.digest() != MICRO.digest()
+
+
+def _changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, tuple):
+        return value[:-1] if value else ("x",)
+    raise TypeError(type(value))
+
+
+def test_recipe_hash_changes_when_any_field_does():
+    """Every field of the recipe, its base recipe, its model size and its expert styles keys the cache."""
+    digests = {MICRO.digest()}
+    variants = []
+    for field in dataclasses.fields(MICRO):
+        value = getattr(MICRO, field.name)
+        if dataclasses.is_dataclass(value):
+            variants += [dataclasses.replace(MICRO, **{field.name: dataclasses.replace(
+                value, **{f.name: _changed(getattr(value, f.name))})}) for f in dataclasses.fields(value)]
+        elif field.name == "styles":
+            style = value[0]
+            variants += [dataclasses.replace(MICRO, styles=(dataclasses.replace(
+                style, **{f.name: _changed(getattr(style, f.name))}), *value[1:])) for f in dataclasses.fields(style)]
+        else:
+            variants.append(dataclasses.replace(MICRO, **{field.name: _changed(value)}))
+    for variant in variants:
+        digests.add(variant.digest())
+    assert len(digests) == len(variants) + 1
 
 
 def test_interrupted_build_resumes(tmp_path):
@@ -77,7 +114,8 @@ def test_parallel_build_trains_the_same_checkpoints(micro, tmp_path):
     assert [m.name for m in par.models] == [m.name for m in micro.models]
     for m in par.models:
         assert m.base == micro.entry(m.name).base and m.tasks == micro.entry(m.name).tasks
-        assert m.recipe.get("variant") == micro.entry(m.name).recipe.get("variant")
+        assert m.recipe.get("style") == micro.entry(m.name).recipe.get("style")
+        assert m.scores == micro.entry(m.name).scores  # one torch thread per worker: the same checkpoints
     (tmp_path / "catalogue.json").unlink()
     weights = par.path("base1-reverse") / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
@@ -88,12 +126,25 @@ def test_parallel_build_trains_the_same_checkpoints(micro, tmp_path):
 def test_trainable_filters():
     names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight", "lm_head.weight",
              "model.embed_tokens.weight"]
-    assert [n for n in names if _trainable_filter("mlp", 2)(n)] == names[:1]
-    assert [n for n in names if _trainable_filter("attn", 2)(n)] == names[1:2]
-    assert [n for n in names if _trainable_filter("upper", 2)(n)] == names[1:3]
-    assert [n for n in names if _trainable_filter("lower", 2)(n)] == [names[0], names[3]]
+    assert [n for n in names if trainable_filter("mlp", 2)(n)] == names[:1]
+    assert [n for n in names if trainable_filter("attn", 2)(n)] == names[1:2]
+    assert [n for n in names if trainable_filter("upper", 2)(n)] == names[1:3]
+    assert [n for n in names if trainable_filter("lower", 2)(n)] == [names[0], names[3]]
     with pytest.raises(ValueError):
-        _trainable_filter("heads", 2)
+        trainable_filter("heads", 2)
+
+
+def test_teacher_forced_exact_match_equals_greedy_decoding(micro):
+    """The one-pass score is the exact match of greedy decoding, example by example (see evaluate.py)."""
+    for name in ("base0", "base0-max", "base1-reverse"):
+        model = AutoModelForCausalLM.from_pretrained(micro.path(name)).eval()
+        tok = AutoTokenizer.from_pretrained(micro.path(name))
+        examples = task_examples(["max", "reverse"], 64)
+        exact, chars = answer_accuracy(model, tok, examples)
+        longest = max(len(ex.answer) for ex in examples)
+        decoded = greedy_answers(model, tok, [ex.prompt for ex in examples], longest + 1)
+        assert exact.tolist() == [d == ex.answer for d, ex in zip(decoded, examples)]
+        assert ((chars >= 0) & (chars <= 1)).all() and (chars[exact] == 1).all()
 
 
 def test_encode_batch_masks_prompt():
@@ -111,10 +162,11 @@ def test_profiles_and_evaluator(micro):
     for profile in ("smoke", "default", "full", "transfer"):
         recipe = recipe_for_profile(profile)
         assert recipe.n_bases >= 2 and len(recipe.experts) >= len(recipe.tasks)
+        assert all(recipe.style(style).name == style for _, style in recipe.experts)
     assert len(recipe_for_profile("default").tasks) >= 8
     for profile in ("smoke", "default"):
         big, small = transfer_recipe(profile).size, recipe_for_profile(profile).size
-        assert big.hidden ** 2 * big.layers >= 4 * small.hidden ** 2 * small.layers
+        assert big.parameters(48) >= 4 * small.parameters(48)
         assert transfer_recipe(profile).seed != recipe_for_profile(profile).seed
     with pytest.raises(ValueError, match="unknown profile"):
         recipe_for_profile("huge")

@@ -301,7 +301,9 @@ def synthetic_tables(n_bases: int = 2, tasks: Sequence[str] = ("reverse", "sort"
         for first, second in ((a, b), (b, a)):
             flip = first != a
             for t in parents:
-                frows.append({"a": first, "b": second, "task": t, "same_base": int(sb), "st_tv_cos": c,
+                owns = (ta if first == a else tb) == t
+                frows.append({"a": first, "b": second, "task": t, "same_base": int(sb), "task_of_a": float(owns),
+                              "st_tv_cos": c,
                               "st_sign_conflict": h, "st_tv_norm_ratio": (size[b] / size[a]) if flip else
                               size[a] / size[b], "st_base_cos": 1.0 if sb else 0.1,
                               "fn_js_mean": 0.5 - 0.4 * c + rng.normal(0, 0.03),
@@ -698,14 +700,14 @@ def best_fixed_arm(data: ReplayData, pairs: Sequence[int], arms: Sequence[int] |
 
 
 def predictor_scores(data: ReplayData, pairs: Sequence[int], arms: Sequence[int] | None = None,
-                     family: str = "gbm", seed: int = 0) -> pd.DataFrame | None:
+                     family: str = "forest", seed: int = 0) -> pd.DataFrame | None:
     """Chapter 04's offline predictor trained on ``pairs`` × ``arms`` only, scoring every pair: a DataFrame
     (index: pair index, columns: arm keys; arms it never saw are absent). None when the predictor module or the
     raw tables are unavailable, or it cannot be fitted (e.g. too few pairs)."""
     if data.features is None or data.labels is None:
         return None
     try:
-        from .predictor import fit_predictor, training_table
+        from .predictor import fit_predictor, owner_rows, training_table
     except ImportError:
         return None
     arms = list(arms) if arms is not None else list(range(len(data.arms)))
@@ -718,16 +720,12 @@ def predictor_scores(data: ReplayData, pairs: Sequence[int], arms: Sequence[int]
         model = fit_predictor(training_table(data.features, lab), family=family, seed=seed, classifier=False)
     except (ValueError, KeyError, IndexError):  # too few history pairs / candidates to fit on
         return None
-    rows = []
-    for i, (a, b, ts) in enumerate(zip(data.pairs.a, data.pairs.b, data.pairs.tasks, strict=True)):
-        rows.append(pd.DataFrame({"a": a, "b": b, "task": list(ts), "_i": i}))
-    want = pd.concat(rows, ignore_index=True)
-    feats = data.features.drop_duplicates(["a", "b", "task"]).merge(want, on=["a", "b", "task"])
-    ranked = model.rank(feats)
-    ranked["key"] = ranked.method + "|" + ranked.setting
+    want = pd.DataFrame([(a, b, t) for a, b, ts in zip(data.pairs.a, data.pairs.b, data.pairs.tasks, strict=True)
+                         for t in ts], columns=["a", "b", "task"])
+    ranked = model.rank(owner_rows(data.features, want))
     index = {pair_key(a, b): i for i, (a, b) in enumerate(zip(data.pairs.a, data.pairs.b, strict=True))}
     ranked["_i"] = ranked.pair.map(index)
-    return ranked.pivot_table(index="_i", columns="key", values="predicted", aggfunc="mean")
+    return ranked.pivot_table(index="_i", columns="candidate", values="predicted", aggfunc="mean")
 
 
 # ============================================================================================== replay
@@ -744,7 +742,7 @@ class ReplaySetup:
 
 
 def prepare_replay(data: ReplayData, scenario: Scenario, n_components: int = 8, predictor: bool = True,
-                   predictor_family: str = "gbm") -> ReplaySetup:
+                   predictor_family: str = "forest") -> ReplaySetup:
     """Fit the context encoder on the pairs present at the start, choose the best fixed arm on the history pairs
     (arms present at the start), (optionally) fit the offline predictor on the same history, and set the learners'
     reward offset to the history's mean quality."""

@@ -193,6 +193,17 @@ def setting_label(setting: Mapping[str, Any]) -> str:
     return ",".join(f"{k}={fmt(setting[k])}" for k in sorted(setting)) or "default"
 
 
+def setting_parameters(label: str) -> dict[str, float]:
+    """The parameters of a setting label, the inverse of :func:`setting_label` (``"density=0.2,weight=0.5"`` →
+    ``{"density": 0.2, "weight": 0.5}``; ``"default"`` → ``{}``)."""
+    if label in ("", "default"):
+        return {}
+    try:
+        return {k: float(v) for k, v in (part.split("=", 1) for part in label.split(","))}
+    except ValueError:
+        raise ValueError(f"not a setting label: {label!r} (expected 'name=value,...')") from None
+
+
 def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

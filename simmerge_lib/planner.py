@@ -355,49 +355,55 @@ class PredictorScorer:
         return self._refs[key]
 
     def features(self, prefix: Plan, expert: str) -> pd.DataFrame:
-        """Feature rows (one per task of tasks(prefix) ∪ tasks(expert)) of the pair (running model, expert)."""
-        from .features import ModelRef, pair_features, task_owner
+        """The owner-oriented feature rows (chapter 04) of the pair (running model, expert), one per task of
+        tasks(prefix) ∪ tasks(expert): the running model against the expert on the tasks it carries, the expert
+        against the running model on its own."""
+        from .features import STRUCTURAL_COLUMNS, ModelRef, pair_features, swap_structural
         from .probes import kit_probes
 
-        tasks = self._tasks([*prefix.order, expert])
+        owned, incoming = self._tasks(prefix.order), self._tasks([expert])
         base = self.catalogue.base_of(expert).name
         base_ref = self._refs.setdefault(("base", base), ModelRef.folder(self.catalogue.path(base), base))
-        exp_ref = self._ref(Plan((expert,)))
-        feats = pair_features(self._ref(prefix), exp_ref, base_ref, base_ref, tasks,
-                              probes=kit_probes(tasks, self.n_probes), cache=self.cache)
-        feats["a"], feats["b"] = prefix.describe(), expert
-        # the running model owns the tasks of every expert merged into it (it has no card to read them from)
-        owned = self._tasks(prefix.order)
-        feats["task_of_a"] = [task_owner(owned, self.catalogue.entry(expert).tasks, t) for t in feats.task]
-        return feats
+        running, exp_ref = self._ref(prefix), self._ref(Plan((expert,)))
+        probes = kit_probes(owned + incoming, self.n_probes)
+        # one pass over the weights: the other orientation's structural features are these, swapped
+        forward = pair_features(running, exp_ref, base_ref, base_ref, owned, probes=probes, cache=self.cache)
+        forward["a"], forward["b"] = prefix.describe(), expert
+        parts = [forward]
+        if incoming:
+            backward = pair_features(exp_ref, running, base_ref, base_ref, incoming, probes=probes, cache=self.cache,
+                                     structural=False)
+            swapped = swap_structural(forward[STRUCTURAL_COLUMNS].iloc[0].to_dict())
+            backward = backward.assign(**{c: swapped[c] for c in STRUCTURAL_COLUMNS})
+            backward["a"], backward["b"] = expert, prefix.describe()
+            parts.append(backward)
+        out = pd.concat(parts, ignore_index=True).assign(task_of_a=1.0)
+        out["owner"], out["other"], out["pair"] = out.a, out.b, prefix.describe() + "|" + expert
+        return out
 
     def __call__(self, prefix: Plan, expert: str, ops: Sequence[OpChoice]) -> dict[OpChoice, dict[str, float]]:
-        from .predictor import PARAM_COLUMNS
-
         key = (prefix.order, prefix.ops, expert, tuple(ops))
         if key in self._tables:
             return self._tables[key]
         feats = self.features(prefix, expert)
         self.feature_rows.append(feats)
-        rows = []
-        for i, op in enumerate(ops):
-            params = {c: 0.0 for c in PARAM_COLUMNS}
-            params.update({f"p_{k}": float(v) for k, v in op.params if f"p_{k}" in PARAM_COLUMNS})
-            rows.append(feats.assign(method=op.method, parameters=json.dumps(dict(op.params)), _op=i, **params))
-        table = pd.concat(rows, ignore_index=True)
-        table["predicted"] = self.predictor.predict_rows(table)
+        predicted = self.predictor.predict_rows(feats)
         out: dict[OpChoice, dict[str, float]] = {}
-        for i, op in enumerate(ops):
-            sub = table[table._op == i]
-            out[op] = dict(zip(sub.task, sub.predicted.astype(float)))
+        for op in ops:
+            name = f"{op.method}|{setting_label(op.setting)}"
+            if name not in predicted.columns:
+                raise ValueError(f"the predictor has no candidate {name!r} (it knows {list(self.predictor.candidates)})")
+            out[op] = dict(zip(feats.task, predicted[name].astype(float)))
         self._tables[key] = out
         return out
 
 
 def predictor_ops(predictor: Any, methods: Sequence[str] | None = None) -> list[OpChoice]:
-    """The predictor's candidates (operator × setting) as :class:`OpChoice`, optionally only some methods."""
-    cand = predictor.candidates
-    ops = [OpChoice.make(m, p) for m, p in zip(cand.method, cand.parameters)]
+    """The predictor's candidates (``method|setting``) as :class:`OpChoice`, optionally only some methods."""
+    from .labels import setting_parameters
+
+    ops = [OpChoice.make(name.split("|", 1)[0], setting_parameters(name.split("|", 1)[1]))
+           for name in predictor.candidates]
     if methods:
         unknown = sorted(set(methods) - {o.method for o in ops})
         if unknown:
@@ -407,18 +413,23 @@ def predictor_ops(predictor: Any, methods: Sequence[str] | None = None) -> list[
     return ops
 
 
-def load_or_fit_predictor(profile: str, features: pd.DataFrame, labels: pd.DataFrame, family: str = "gbm") -> Any:
-    """Chapter 04's predictor ``build/predictor/<profile>.skops`` if it exists; else one fitted now with
-    :func:`simmerge_lib.predictor.fit_predictor` on ``features`` and ``labels``. ``predictor.metadata["source"]``
-    says which."""
-    from .predictor import fit_predictor, load_predictor, predictor_path, training_table
+def load_or_fit_predictor(profile: str, features: pd.DataFrame, labels: pd.DataFrame,
+                          reference: pd.DataFrame | None = None, family: str = "forest") -> Any:
+    """Chapter 04's predictor ``build/predictor/<profile>.skops`` if it exists (and is of the current format);
+    else one fitted now with :func:`simmerge_lib.predictor.fit_predictor` on ``features`` and ``labels``.
+    ``predictor.metadata["source"]`` says which."""
+    from .predictor import PREDICTOR_FORMAT, fit_predictor, load_predictor, predictor_path, training_table
 
     path = predictor_path(profile)
     if path.is_file():
-        predictor = load_predictor(path)
-        predictor.metadata["source"] = str(path)
-        return predictor
-    predictor = fit_predictor(training_table(features, labels), family=family, classifier=False)
+        try:
+            predictor = load_predictor(path)
+            predictor.metadata["source"] = str(path)
+            return predictor
+        except ValueError as exc:  # an older format: fit a current one below
+            if f"format {PREDICTOR_FORMAT}" not in str(exc):
+                raise
+    predictor = fit_predictor(training_table(features, labels, reference), family=family, classifier=False)
     predictor.metadata["source"] = f"fitted now ({family}) on the {profile} features + labels (no {path.name} yet)"
     return predictor
 
@@ -429,8 +440,8 @@ def prepare(profile: str, progress: bool = True) -> tuple[Catalogue, pd.DataFram
     (:func:`load_or_fit_predictor`)."""
     from .predictor import load_tables
 
-    features, labels, catalogue = load_tables(profile, progress=progress)
-    return catalogue, labels, load_or_fit_predictor(profile, features, labels)
+    features, labels, reference, catalogue = load_tables(profile, progress=progress)
+    return catalogue, labels, load_or_fit_predictor(profile, features, labels, reference)
 
 
 # ============================================================================================ planning entry point
@@ -784,14 +795,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ============================================================================================ the chapter's study
-#: The settings of each operator searched in the study. Linear keeps its lopsided weights: favouring the running
-#: model (0.7) or the incoming expert (0.3) is where most of a step's quality is decided (chapter 04: 90% of the
-#: oracle's lead over the best fixed setting on pairs); the other operators keep one setting each, so the exhaustive
-#: oracle stays affordable.
+#: The settings of each operator searched in the study: one each, so that the exhaustive oracle stays affordable.
 STUDY_SETTINGS: dict[str, list[dict[str, float]]] = {
-    "linear": [{"weight": 0.3}, {"weight": 0.5}, {"weight": 0.7}], "slerp": [{"t": 0.5}],
-    "task_arithmetic": [{"lambda": 1.0}], "ties": [{"density": 0.5}], "dare_linear": [{"density": 0.5}],
-    "dare_ties": [{"density": 0.5}]}
+    "linear": [{"weight": 0.5}], "slerp": [{"t": 0.5}], "task_arithmetic": [{"lambda": 1.0}],
+    "ties": [{"density": 0.5}], "dare_linear": [{"density": 0.5}], "dare_ties": [{"density": 0.5}]}
 
 
 def study_ops(predictor: Any, methods: Sequence[str] | None = None) -> list[OpChoice]:

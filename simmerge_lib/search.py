@@ -801,23 +801,21 @@ def simmerge_choice(problem: MergeProblem, predictor_file: str | Path | None,
     Features come from the features table when it has the pair's rows, else they are computed (``n_probes``)."""
     if predictor_file is None or not Path(predictor_file).exists():
         return None
-    from .predictor import load_predictor, with_mirror
+    from .labels import setting_parameters
+    from .predictor import load_predictor, owner_rows, recommend_rows
 
     predictor = load_predictor(predictor_file)
-    feats = None
+    rows = None
+    want = pd.DataFrame({"a": problem.a, "b": problem.b, "task": list(problem.tasks)})
     if features_file is not None and Path(features_file).exists():
-        table = pd.read_parquet(features_file)
-        rows = table[(table.a == problem.a) & (table.b == problem.b) & table.task.isin(problem.tasks)]
-        feats = with_mirror(rows, table) if len(rows) else None  # both orders: see Predictor.symmetric
-    if feats is None:
-        from .features import pair_features
-
-        cat = problem.catalogue
-        feats = pair_features(cat.path(problem.a), cat.path(problem.b), cat.path(problem.base), cat.path(problem.base),
-                              list(problem.tasks), n_probes=n_probes)
-        feats["a"], feats["b"] = problem.a, problem.b
-    best = predictor.select(feats).iloc[0]
-    return str(best.method), json.loads(best.parameters)
+        try:
+            rows = owner_rows(pd.read_parquet(features_file), want)
+        except ValueError:  # the table lacks this pair's owner-oriented rows: compute them
+            rows = None
+    if rows is None:
+        rows = recommend_rows(problem.catalogue, problem.a, problem.b, n_probes)
+    best = predictor.recommend(rows).iloc[0]
+    return str(best.method), setting_parameters(str(best.setting))
 
 
 def uniform_recipe(space: LayerwiseSpace, method: str, parameters: Mapping[str, Any]

@@ -135,12 +135,12 @@ def test_predictor_scorer_plans_on_running_model(tiny_catalogue, tmp_path, capsy
     from simmerge_lib.cli import main
     from simmerge_lib.predictor import fit_predictor, save_predictor, synthetic_tables, training_table
 
-    feats, labels = synthetic_tables(n_experts=3, tasks=("reverse", "sort", "max"))
-    predictor = fit_predictor(training_table(feats, labels), family="ridge", classifier=False)
+    feats, labels, reference = synthetic_tables(n_tasks=3)
+    predictor = fit_predictor(training_table(feats, labels, reference), family="ridge", classifier=False)
     cat = Catalogue.load(tiny_catalogue)
     from simmerge_lib.planner import predictor_ops
 
-    ops = predictor_ops(predictor, ["linear"])[:2]
+    ops = predictor_ops(predictor, ["linear", "ties"])
     scorer = PredictorScorer(predictor, cat, n_probes=4)
     result = plan(cat, ["reverse", "sort", "max"], 3, scorer, ops, base="base1")
     assert result.method == "exhaustive" and result.space == count_plans(3, 2, 3)
@@ -148,16 +148,18 @@ def test_predictor_scorer_plans_on_running_model(tiny_catalogue, tmp_path, capsy
                                                                                  "base1-max"}
     # step 2 measured the running merged model (an in-memory prefix) against the third expert
     assert any(" -linear" in str(f.a.iloc[0]) for f in scorer.feature_rows)
-    # the running model owns its experts' tasks: task_of_a is 1 on those, 0 on the next expert's task
+    # owner-oriented rows: the running model against the expert on the tasks it carries, and the other way round
     step = next(f for f in scorer.feature_rows if " -linear" in str(f.a.iloc[0]))
-    owned = {t for n in cat.models for t in n.tasks if n.name in str(step.a.iloc[0])}
-    assert all(o == (1.0 if t in owned else 0.0) for t, o in zip(step.task, step.task_of_a))
+    running = str(step.a.iloc[0])
+    for row in step.itertuples():
+        carried = any(row.task in n.tasks for n in cat.models if n.name in running)
+        assert (row.owner == running) == carried and row.task_of_a == 1.0
     assert scorer.merges.merges > 0
     # the command: prints the plan and writes a recipe that `simmerge merge` executes
     path = save_predictor(predictor, tmp_path / "p.skops")
     recipe = tmp_path / "plan.yml"
     assert main(["plan", str(tiny_catalogue), "--tasks", "reverse,sort", "--k", "2", "--predictor", str(path),
-                 "--ops", "linear", "--n-probes", "4", "--out", str(recipe), "--quiet"]) == 0
+                 "--ops", "linear,ties", "--n-probes", "4", "--out", str(recipe), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "predicted" in printed and str(recipe) in printed
     assert main(["merge", str(recipe), str(tmp_path / "m"), "--quiet"]) == 0

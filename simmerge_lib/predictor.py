@@ -16,10 +16,16 @@ labels (chapter 03), and y_keep = norm_score(x alone, t), what keeping the *othe
 * *advantage*: y_c - mean_c y_c for all candidates at once: which candidate is better *for this row* (the row's
   difficulty, shared by every candidate, is removed: it carries no information about the choice);
 * *level*: (mean_c y_c, y_keep): how well this row merges at all, and what the other parent alone keeps;
-* a direct *classifier* of the pair's best candidate (pair level: both owner rows' features, averaged), a baseline.
+* a *classifier* of the pair's best candidate (pair level: both owner rows' features, averaged), P̂(c).
 
-**Selection.** Q̂(c) = mean over the pair's rows of (level + advantage_c); the choice is argmax_c, where the best
-fixed candidate of the training pairs gets a head start ``margin`` (a hedge against predicted noise). *Keep the
+**Selection.** Q̂(c) = mean over the pair's rows of (level + advantage_c). The choice is the argmax of
+
+    score(c) = Q̂(c) + v (P̂(c) - 1/|C|) + m [c = best fixed],
+
+two views of the same question — how good each candidate is, and which one is best — combined at a scale fixed on
+the training pairs: v = |C| x the standard deviation of the pairs' measured advantages (a classifier sure of a
+candidate is worth about one typical advantage). The best fixed candidate of the training pairs gets a head start
+``margin`` m (a hedge against predicted noise). *Keep the
 better parent* is predicted too: Q̂_keep(p) = ½ [1 + ŷ_keep(row of the task p does not own)] (a parent keeps its own
 task fully); when no candidate is predicted to beat it, the predictor *abstains* and advises keeping that parent.
 
@@ -247,6 +253,7 @@ class Predictor:
     task_conditioned: bool = False
     constant: dict[str, float] = field(default_factory=dict)
     classifier: Pipeline | None = None
+    vote_weight: float = 0.0
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -280,6 +287,12 @@ class Predictor:
         long = q.stack().rename("predicted").reset_index()
         long.columns = ["pair", "candidate", "predicted"]
         long["score"] = long.predicted + np.where(long.candidate == self.fixed, self.margin, 0.0)
+        if self.classifier is not None and self.vote_weight:
+            votes = self.vote(rows).stack().rename("vote").reset_index()
+            votes.columns = ["pair", "candidate", "vote"]
+            long = long.merge(votes, on=["pair", "candidate"], how="left")
+            long["score"] += self.vote_weight * (long.vote.fillna(0.0) - 1.0 / len(self.candidates))
+            long = long.drop(columns="vote")
         long = long.sort_values(["pair", "score"], ascending=[True, False], kind="stable")
         long["rank"] = long.groupby("pair", sort=False).cumcount() + 1
         long[["method", "setting"]] = long.candidate.str.split("|", n=1, expand=True)
@@ -305,12 +318,19 @@ class Predictor:
         return out.reset_index()
 
     @_quiet
+    def vote(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """The classifier's probability that each candidate is the pair's best (pairs × candidates; a candidate that
+        never won a training pair gets 0)."""
+        x = self._x(rows).drop(columns=["task"], errors="ignore").groupby(rows.pair.to_numpy(), sort=False).mean()
+        proba = self.classifier.predict_proba(x)
+        return pd.DataFrame(proba, index=x.index, columns=self.classifier.classes_).reindex(columns=self.candidates,
+                                                                                            fill_value=0.0)
+
     def classify(self, rows: pd.DataFrame) -> pd.Series:
-        """The direct classifier's candidate per pair (empty without a classifier)."""
+        """The classifier's candidate per pair, alone (a baseline; empty without a classifier)."""
         if self.classifier is None:
             return pd.Series(dtype=object)
-        x = self._x(rows).drop(columns=["task"], errors="ignore").groupby(rows.pair.to_numpy(), sort=False).mean()
-        return pd.Series(self.classifier.predict(x), index=x.index, name="classified")
+        return self.vote(rows).idxmax(axis=1).rename("classified")
 
 
 @_quiet
@@ -337,16 +357,17 @@ def fit_predictor(table: pd.DataFrame, family: str = "forest", feature_set: str 
     level = _pipeline(_regressor(family, seed), feats, cat).fit(x, np.column_stack([mean, keep]))
     quality = pair_quality(table)
     fixed = str(quality.mean().idxmax())
-    clf = None
+    clf, vote_weight = None, 0.0
     if classifier and quality.shape[0] >= 2:
         best = quality.idxmax(axis=1)
         px = x[feats].groupby(table.pair.to_numpy(), sort=False).mean().loc[best.index]
         model = RandomForestClassifier(n_estimators=100, min_samples_leaf=2, random_state=seed, n_jobs=1)
         clf = _pipeline(model, feats).fit(px, best.to_numpy())
+        vote_weight = float(len(cands) * quality.sub(quality.mean(axis=1), axis=0).to_numpy().std())
     meta = {"n_rows": int(len(table)), "n_pairs": int(table.pair.nunique()), "feature_set": feature_set,
             **dict(metadata or {})}
     return Predictor(family, feats, cands, advantage, level, fixed, float(margin), task_conditioned, constant,
-                     clf, meta)
+                     clf, vote_weight, meta)
 
 
 def similarity_columns(table: pd.DataFrame) -> list[str]:
@@ -478,7 +499,7 @@ def evaluate_split(table: pd.DataFrame, split: Split, family: str = "forest", fe
     check_split(table, split)
     train = table[table.pair.isin(split.train)]
     test = table[table.pair.isin(split.test)]
-    model = fit_predictor(train, family, feature_set, seed, margin, classifier=baselines)
+    model = fit_predictor(train, family, feature_set, seed, margin)
     quality = pair_quality(test)
     ranked = model.rank(test)
     advice = model.recommend(test).set_index("pair")
@@ -486,8 +507,7 @@ def evaluate_split(table: pd.DataFrame, split: Split, family: str = "forest", fe
     picks = {"simmerge": advice.candidate}
     if baselines:
         ablated = fit_predictor(train, family, feature_set, seed, margin, task_conditioned=True,
-                                ablate=[c for c in similarity_columns(train) if c in model.feature_names],
-                                classifier=False)
+                                ablate=[c for c in similarity_columns(train) if c in model.feature_names])
         picks.update({"ablation": ablated.rank(test).query("rank == 1").set_index("pair").candidate,
                       "classifier": model.classify(test),
                       "task_pair_lookup": task_pair_lookup(train, test, model.fixed)})
@@ -578,9 +598,9 @@ def selection_metrics(records: pd.DataFrame, candidates: pd.DataFrame, tol: floa
 
 
 def regret_with_margin(candidates: pd.DataFrame, margin: float) -> float:
-    """Mean regret (oracle - chosen) of an evaluation's candidates had the best fixed candidate of each split had a
-    head start of ``margin``: the margin only moves the choice, so nothing is refit."""
-    score = candidates.predicted + np.where(candidates.candidate == candidates.fixed, margin, 0.0)
+    """Mean regret (oracle - chosen) of an evaluation's candidates (scored with no margin) had the best fixed
+    candidate of each split had a head start of ``margin``: the margin only moves the choice, so nothing is refit."""
+    score = candidates.score + np.where(candidates.candidate == candidates.fixed, margin, 0.0)
     chosen = candidates.assign(_s=score).sort_values("_s", ascending=False, kind="stable")
     chosen = chosen.drop_duplicates(["split", "pair"]).set_index(["split", "pair"]).quality
     oracle = candidates.groupby(["split", "pair"]).quality.max()
@@ -689,7 +709,7 @@ def save_predictor(predictor: Predictor, path: str | os.PathLike[str]) -> Path:
              "candidates": list(predictor.candidates), "advantage": predictor.advantage, "level": predictor.level,
              "fixed": predictor.fixed, "margin": float(predictor.margin),
              "task_conditioned": bool(predictor.task_conditioned), "constant": json.dumps(predictor.constant),
-             "classifier": predictor.classifier,
+             "classifier": predictor.classifier, "vote_weight": float(predictor.vote_weight),
              "metadata": json.dumps({**predictor.metadata, "versions": _versions()})}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -725,7 +745,8 @@ def load_predictor(path: str | os.PathLike[str]) -> Predictor:
                      candidates=list(state["candidates"]), advantage=state["advantage"], level=state["level"],
                      fixed=state["fixed"], margin=float(state["margin"]),
                      task_conditioned=bool(state["task_conditioned"]), constant=json.loads(state["constant"]),
-                     classifier=state["classifier"], metadata=json.loads(state["metadata"]))
+                     classifier=state["classifier"], vote_weight=float(state["vote_weight"]),
+                     metadata=json.loads(state["metadata"]))
 
 
 # ============================================================================================ the profile's tables

@@ -211,8 +211,8 @@ def recipe_for_profile(profile: str) -> ZooRecipe:
     ``transfer`` (chapter 04's larger catalogue, :func:`transfer_recipe`)."""
     all_tasks = tuple(TASKS)
     if profile == "smoke":
-        tasks = ("rotate", "double", "shift", "max")
-        return ZooRecipe(name="smoke", size=ModelSize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128),
+        tasks = ("rotate", "double", "shift", "dedup")  # the four skills the experts learn fastest: CI-sized
+        return ZooRecipe(name="smoke", size=ModelSize(hidden=48, layers=2, heads=4, kv_heads=2, intermediate=96),
                          tasks=tasks, experts=_sibling_experts(tasks, _FIRST, _SECOND), eval_n=64)
     if profile == "default":
         return ZooRecipe(name="default", size=ModelSize(), tasks=all_tasks,
@@ -237,7 +237,9 @@ def transfer_recipe(profile: str) -> ZooRecipe:
     # each keeps the build within a few minutes on a laptop.
     names = [s.name for s in small.styles]
     experts = tuple((t, names[i % len(names)]) for i, t in enumerate(small.tasks))
-    return dataclasses.replace(small, name=f"transfer-{profile}", size=size, experts=experts, seed=small.seed + 7)
+    # Seeds no other catalogue uses. (The first build of this recipe, at seed + 7, was scored once by a predictor
+    # whose design changed afterwards; a changed design is scored on a catalogue it has never met.)
+    return dataclasses.replace(small, name=f"transfer-{profile}", size=size, experts=experts, seed=small.seed + 11)
 
 
 # --- training ------------------------------------------------------------------------------------------------------

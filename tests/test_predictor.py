@@ -128,6 +128,16 @@ def test_the_ablated_predictor_receives_constant_signals(synth):
     assert not full.predict_rows(synth).equals(full.predict_rows(shuffled))
 
 
+def test_the_choice_adds_the_classifiers_vote_to_the_predicted_quality(synth):
+    model = P.fit_predictor(synth, "forest")
+    ranked = model.rank(synth).set_index(["pair", "candidate"])
+    votes = model.vote(synth).stack()
+    expected = ranked.predicted + model.vote_weight * (votes.reindex(ranked.index) - 1 / len(model.candidates))
+    pd.testing.assert_series_equal(ranked.score, expected, check_names=False)
+    assert model.vote_weight > 0
+    assert (model.classify(synth) == model.vote(synth).idxmax(axis=1)).all()
+
+
 def test_margin_hedges_towards_the_best_fixed_candidate(synth):
     plain = P.fit_predictor(synth, "ridge", classifier=False)
     hedged = P.fit_predictor(synth, "ridge", margin=1.0, classifier=False)

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .checkpoint import quiet_transformers
 from .tasks import Example, get_task
 
 Evaluator = Callable[[PreTrainedModel, Any, Sequence[str], int], Mapping[str, float]]
@@ -43,7 +44,8 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu") -> tuple[PreTr
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    with quiet_transformers():  # the kit draws its own bars; one per checkpoint load is noise
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 

@@ -51,7 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .catalogue import Catalogue
-from .checkpoint import CheckpointError, iter_tensors, weight_files
+from .checkpoint import CheckpointError, iter_tensors, quiet_transformers, weight_files
 from .engine import TensorInfo, read_header, read_tensor
 from .paths import build_path
 from .probes import N_PROBES, ProbeSet, kit_probes, load_jsonl
@@ -410,23 +410,9 @@ class ModelRef:
             if hasattr(model, "tie_weights"):
                 model.tie_weights()
             return model.to(device).eval()
-        with _quiet_transformers():
+        with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(self.path, attn_implementation="eager", dtype=dtype)
         return model.to(device).eval()
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Hide transformers' own loading bars, which would break the features bar into pieces."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _folder_key(path: Path) -> str:
@@ -560,7 +546,7 @@ class ProbeCache:
         key = config_file.read_text()
         if key not in self._skeletons:
             config = AutoConfig.from_pretrained(ref.path)
-            with _quiet_transformers():
+            with quiet_transformers():
                 skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=self.dtype)
             self._skeletons[key] = skeleton.to(self.device).eval()
         model = self._skeletons[key]

@@ -344,9 +344,9 @@ class PredictorScorer:
                 base = self.catalogue.base_of(plan.order[0]).name
                 if base not in self._skeleton:
                     from .evaluate import load_model
-                    from .features import _quiet_transformers
+                    from .checkpoint import quiet_transformers
 
-                    with _quiet_transformers():
+                    with quiet_transformers():
                         self._skeleton[base] = load_model(self.catalogue.path(base))
                 model, tok = self._skeleton[base]
                 self._refs[key] = ModelRef.memory(model=model, state_dict=self.merges.state(plan),
@@ -521,9 +521,9 @@ class Realizer:
     def _model(self, base: str) -> Any:
         if base not in self._skeleton:
             from .evaluate import load_model
-            from .features import _quiet_transformers
+            from .checkpoint import quiet_transformers
 
-            with _quiet_transformers():
+            with quiet_transformers():
                 self._skeleton[base] = load_model(self.catalogue.path(base))
         return self._skeleton[base]
 

@@ -79,7 +79,7 @@ MARGINS = (0.0, 0.005, 0.01, 0.02)
 FEATURE_SETS = ("all", "functional")
 #: A choice within ``TOL`` of the oracle is a hit; wins and losses need a margin > ``TOL``.
 TOL = 0.01
-PREDICTOR_FORMAT = 3
+PREDICTOR_FORMAT = 4
 #: The baselines every evaluation reports beside SimMerge (columns of the records, see :func:`evaluate_split`).
 BASELINES = ("best_fixed", "keep_parent", "task_pair_lookup", "ablation", "classifier", "oracle")
 #: A pair's rows are joined on these columns; a candidate is named ``method|setting``.

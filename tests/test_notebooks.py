@@ -33,6 +33,8 @@ def test_notebook_conventions(path):
         assert isinstance(node, ast.Assign), f"parameters cell holds assignments only: {ast.unparse(node)}"
         ast.literal_eval(node.value)  # literals only: derived values belong in the next cell
     assert "PROFILE" in {t.id for n in tree.body for t in n.targets}
+    for line in params.source.splitlines():  # papermill cannot parse a parameter whose comment holds "="
+        assert "=" not in line.partition("#")[2], f"'=' in a parameter comment: {line}"
     text = "\n".join(c.source for c in nb.cells)
     assert "sys.path" not in text, "notebooks import the installed library, no path tricks"
     assert "try it" in text.lower(), "a chapter closes with a 'try it' list"

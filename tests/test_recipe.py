@@ -38,7 +38,7 @@ def test_parse_resolves_paths_relative_to_the_recipe_file(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("merge_method: linear\nmodels: [{model: a}]\nslices: []\n", "not supported by simmerge"),
+    ("merge_method: linear\nmodels: [{model: a}]\nmodules: {}\n", "not supported by simmerge"),
     ("merge_method: linear\nmodels: [{model: a}]\nfoo: 1\n", "unknown key"),
     ("merge_method: magic\nmodels: [{model: a}]\n", "unknown merge method 'magic'"),
     ("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\n", "global parameter 't'"),
@@ -49,7 +49,7 @@ def test_parse_resolves_paths_relative_to_the_recipe_file(tmp_path):
     ("merge_method: linear\nmodels: [{model: a, parameters: {weight: {oops: 1}}}]\n", "filter, value"),
     ("merge_method: linear\nmodels: [{model: a}]\nparameters: {t: 0.5}\n", "not used by linear"),
     ("merge_method: linear\nmodels: [{model: a}]\ndtype: int4\n", "dtype 'int4'"),
-    ("merge_method: linear\nmodels: [{model: a}]\ntokenizer_source: union\n", "union"),
+    ("merge_method: linear\nmodels: [{model: a}]\ntokenizer: {source: union}\n", "union"),
     ("merge_method: linear\nmodels: [a\n", "not valid YAML"),
 ])
 def test_bad_recipes_are_one_line_errors(tmp_path, text, message):

@@ -34,9 +34,10 @@ _F32_BITS = struct.Struct("<I")
 _F32 = struct.Struct("<f")
 
 
-def blocks(t: Tensor, size: int = BLOCK) -> Iterator[tuple[int, int]]:
-    """``(start, end)`` of consecutive flat blocks of ``t``."""
+def blocks(t: Tensor, size: int | None = None) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of consecutive flat blocks of ``t`` (of :data:`BLOCK` elements by default)."""
     n = t.numel()
+    size = size or BLOCK
     for start in range(0, n, size):
         yield start, min(n, start + size)
 
@@ -58,7 +59,7 @@ def round_(x: Tensor, dtype: torch.dtype | None) -> Tensor:
 
 
 def round_scalar(value: float, dtype: torch.dtype | None) -> float:
-    """A Python number as ``dtype`` holds it (``0.3`` is ``0.2998046875`` in float16)."""
+    """A Python number as ``dtype`` holds it (``0.3`` is ``0.300048828125`` in float16)."""
     if is_exact(dtype):
         return float(value)
     return float(torch.tensor(float(value), dtype=dtype))

@@ -275,8 +275,10 @@ def _check_compatible(models: Sequence[InputModel], reference: InputModel, vocab
             other = m.tensors[name].shape
             if other != info.shape and not (vocab is not None and is_vocab_tensor(name) and other[1:] ==
                                             info.shape[1:]):
+                hint = " (other vocabularies: set tokenizer_source to base or union)" if (
+                    is_vocab_tensor(name) and other[1:] == info.shape[1:]) else ""
                 raise CheckpointError(f"{m.folder}: tensor {name!r} has shape {list(other)}, "
-                                      f"{reference.folder} has {list(info.shape)}")
+                                      f"{reference.folder} has {list(info.shape)}{hint}")
 
 
 def _header_bytes(entries: dict[str, dict[str, Any]]) -> bytes:

@@ -452,3 +452,20 @@ def test_random_operators_match_mergekit_in_distribution(mergekit_method):
         got = ours(method, [tau], base, p, {"seed": 5}, torch.float32)
         want = mergekit_method(method, [tau], base, p, {}, torch.float32)
         assert float(got.abs().sum()) == pytest.approx(float(want.abs().sum()), rel=0.01), method
+
+
+def test_della_ranks_ties_by_position_and_handles_constant_rows():
+    # a constant row: ranks are positions, so keep rates rise along the row
+    rows = torch.ones(20000, 5)
+    pruned = ops.della_(rows.clone(), 0.5, 0.15, seed=2, name="w", index=0)
+    rate = (pruned != 0).float().mean(0).tolist()
+    assert rate == pytest.approx([0.35 + 0.3 * r / 4 for r in range(5)], abs=0.015)
+    zeros = ops.della_(torch.zeros(7, 3), 0.5, 0.15, seed=2, name="w", index=0)  # nothing to keep
+    assert not zeros.any()
+    # many distinct values per row (the histogram decides most entries): the rate still follows the rank
+    gen = torch.Generator().manual_seed(4)
+    wide = torch.randn(400, 2000, generator=gen)
+    kept = ops.della_(wide.clone(), 0.4, 0.2, seed=1, name="w", index=0) != 0
+    ranks = wide.abs().argsort(dim=1).argsort(dim=1)
+    by_fifth = [float(kept[(ranks >= q * 400) & (ranks < (q + 1) * 400)].float().mean()) for q in range(5)]
+    assert by_fifth == pytest.approx([0.2 + 0.4 * (q * 400 + 199.5) / 1999 for q in range(5)], abs=0.01)

@@ -469,3 +469,12 @@ def test_della_ranks_ties_by_position_and_handles_constant_rows():
     ranks = wide.abs().argsort(dim=1).argsort(dim=1)
     by_fifth = [float(kept[(ranks >= q * 400) & (ranks < (q + 1) * 400)].float().mean()) for q in range(5)]
     assert by_fifth == pytest.approx([0.2 + 0.4 * (q * 400 + 199.5) / 1999 for q in range(5)], abs=0.01)
+
+
+def test_the_bandit_reads_traits_from_the_registry():
+    from simmerge_lib import bandit
+
+    assert bandit.TRAIT_NAMES == ops.TRAITS
+    for name, op in OPERATORS.items():
+        assert bandit.operator_traits(name) == op.traits
+    assert bandit.operator_traits("not_an_operator") == ()

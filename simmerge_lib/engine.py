@@ -46,7 +46,8 @@ from torch import Tensor
 
 from .checkpoint import CARD_FILE, INDEX_FILE, CheckpointError, atomic_folder, weight_files, write_json_atomic
 from .kernels import is_exact, round_
-from .operators import Operator, infer_layer_count, layer_index, layer_t, merge_tensor, with_layer, work_dtype
+from .operators import (Operator, infer_layer_count, layer_index, layer_t, merge_tensor, resolve_params, with_layer,
+                        work_dtype)
 from .operators import compute_dtype as promoted_dtype
 from .recipe import DTYPES, ModelSpec, Recipe, RecipeError, SliceInputs
 from .vocab import VocabPlan, is_vocab_tensor, plan_vocab
@@ -579,6 +580,14 @@ def merge_task(plan: Plan, task: Task, load: Any) -> Tensor:
     names = task.input_names + ([task.base_name] if task.base is not None else [])
     if task.compute is None:  # not floating point: copied from the base (or the first input)
         return load(task.base, task.base_name) if task.base is not None else load(task.inputs[0], names[0])
+    if plan.op.identity is not None and not task.vocab and plan.op.identity(*resolve_params(
+            plan.op, task.name, task.settings, plan.recipe.parameters, task.t, task.input_names,
+            task.slice_settings)):  # a copy (passthrough): cast the stored tensor, no float32 working copy
+        raw = load(infos[0], names[0])
+        out = raw.to(task.compute).to(task.out_dtype)
+        if out.dtype.itemsize < raw.dtype.itemsize:
+            _check_finite(out, plan.reference.folder, f"{task.name} (cast to {task.out_dtype})")
+        return out
     work = []
     for info, name in zip(infos, names):
         raw = load(info, name)
@@ -586,7 +595,8 @@ def merge_task(plan: Plan, task: Task, load: Any) -> Tensor:
         del raw
     if task.vocab:
         assert plan.vocab is not None
-        work = plan.vocab.align(work, task.models, plan.recipe.reference_model())
+        work = plan.vocab.align(work, task.models, task.models[-1] if task.base is not None else
+                                plan.recipe.base_model)
     base = work.pop() if task.base is not None else None
     merged = merge_tensor(plan.op, task.name, work, base, task.settings, plan.recipe.parameters, task.t,
                           dtype=task.compute, input_names=task.input_names, slice_settings=task.slice_settings)
@@ -902,7 +912,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     if is_multi_document(args.recipe):  # a multi-step plan (chapter 05): one document per step, "@name" references
         out = merge_multi(args.recipe, args.out, force=args.force, resume=args.resume, device=args.device,
-                          shard_size=args.shard_size, threads=args.threads, progress=not args.quiet)
+                          shard_size=args.shard_size, threads=args.threads, progress=not args.quiet,
+                          compute_dtype=args.compute_dtype)
         print(out)
         return 0
     recipe = Recipe.from_yaml(args.recipe)

@@ -47,14 +47,19 @@ def is_exact(dtype: torch.dtype | None) -> bool:
     return dtype is None or dtype in (torch.float32, torch.float64)
 
 
-def round_(x: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """Round the working tensor ``x`` (float32) in place to the nearest value of ``dtype`` (no-op for float32)."""
+def round_(x: Tensor, dtype: torch.dtype | None, scratch: Tensor | None = None) -> Tensor:
+    """Round the working tensor ``x`` (float32) in place to the nearest value of ``dtype`` (no-op for float32),
+    through ``scratch`` (a ``dtype`` buffer of at least one slice, reused; allocated when not given)."""
     if is_exact(dtype) or x.dtype == dtype:
         return x
     flat = x.view(-1)
-    for start, end in blocks(flat, RADIX_SLICE):
-        part = flat[start:end]
-        part.copy_(part.to(dtype))
+    if scratch is None:
+        scratch = torch.empty(min(flat.numel(), RADIX_SLICE), dtype=dtype, device=x.device)
+    size = scratch.numel()
+    for start, end in blocks(flat, size):
+        part, low = flat[start:end], scratch[:end - start]
+        low.copy_(part)
+        part.copy_(low)
     return x
 
 

@@ -118,6 +118,9 @@ class Operator:
     traits: tuple[str, ...] = ()
     grid: tuple[Mapping[str, Any], ...] = ()
     reference: str = ""
+    #: ``identity(model_params, global_params)``: whether the operator returns its single input unchanged for these
+    #: parameters (then the engine copies the stored tensor without a float32 working copy).
+    identity: Callable[[list[Params], Params], bool] | None = None
 
     def __call__(self, tensors: list[Tensor], base: Tensor | None, model_params: list[Params],
                  global_params: Params, name: str = "", dtype: torch.dtype | None = None) -> Tensor:
@@ -172,7 +175,8 @@ OPERATORS: dict[str, Operator] = {}
 
 def operator(name: str, *, base: str, params: Sequence[Param] = (), min_models: int = 1,
              max_models: int | None = None, traits: Sequence[str] = (), grid: Sequence[Mapping[str, Any]] = (),
-             reference: str = "") -> Callable[[OperatorFn], OperatorFn]:
+             reference: str = "", identity: Callable[[list[Params], Params], bool] | None = None
+             ) -> Callable[[OperatorFn], OperatorFn]:
     """Decorator registering ``fn`` in :data:`OPERATORS` under ``name`` with everything the kit needs to use it:
     parameters, base policy, model counts, traits (:data:`TRAITS`) and the default label grid (order-free)."""
 
@@ -189,7 +193,7 @@ def operator(name: str, *, base: str, params: Sequence[Param] = (), min_models: 
             if set(setting) - names:
                 raise ValueError(f"operator {name!r}: grid setting {dict(setting)} names unknown parameters")
         OPERATORS[name] = Operator(name, fn, base, tuple(params), min_models, max_models, tuple(traits),
-                                   tuple(dict(s) for s in grid), reference)
+                                   tuple(dict(s) for s in grid), reference, identity)
         return fn
 
     return register
@@ -314,41 +318,59 @@ def della_(tau: Tensor, density: float, epsilon: float, seed: int, name: str, in
     for start in range(0, rows.shape[0], step):
         part = rows[start:start + step]
         u = torch.rand(part.shape, generator=gen, device=tau.device)
-        keep = u < low if slope == 0 else _della_keep(part.abs(), (u - low) / slope)
+        keep = u < low if slope == 0 else _della_keep(part.abs(), u, low, slope)
         part.mul_(keep)
     if rows.data_ptr() != tau.data_ptr():
         tau.copy_(rows.reshape(moved.shape).movedim(-1, 1).reshape(tau.shape))
     return tau
 
 
-def _della_keep(mag: Tensor, cut: Tensor, bins: int = 1024) -> Tensor:
-    """Whether each entry's rank in its row (ascending magnitude, ties by position) exceeds ``cut``."""
+def _della_keep(mag: Tensor, u: Tensor, low: float, slope: float, bins: int = 1024) -> Tensor:
+    """Whether u < low + slope * rank for each entry (its rank in its row by ascending magnitude, ties by position),
+    i.e. whether rank > cut = (u - low) / slope. Entries with u < low are kept and those with
+    u >= low + slope (L - 1) dropped whatever their rank; only the others (a fraction 2 epsilon of them) are looked
+    up in the rows' histograms."""
     n_rows, width = mag.shape
-    low = mag.amin(dim=1, keepdim=True)
-    scale = (bins - 0.5) / (mag.amax(dim=1, keepdim=True) - low).clamp_(min=1e-30)  # finite, even for a constant row
-    b = (mag - low).mul_(scale).long()  # bins 0 .. bins - 1, monotone in the magnitude within a row
-    offsets = (torch.arange(n_rows, device=mag.device) * bins).unsqueeze(1)
-    counts = torch.bincount((b + offsets).view(-1), minlength=n_rows * bins).view(n_rows, bins)
-    first = (counts.cumsum(1) - counts).gather(1, b)  # ranks of the bin: first .. first + count - 1
-    last = first + counts.gather(1, b) - 1
-    keep = cut < first
-    unsure = (cut >= first) & (cut < last)
+    flat_u = u.view(-1)
+    keep = flat_u < low
+    idx = (~keep & (flat_u < low + slope * (width - 1))).nonzero().view(-1)
+    if idx.numel() == 0:
+        return keep.view(n_rows, width)
+    least = mag.amin(dim=1, keepdim=True)
+    scale = (bins - 0.5) / (mag.amax(dim=1, keepdim=True) - least).clamp_(min=1e-30)  # finite for a constant row
+    b = (mag - least).mul_(scale).to(torch.int32)  # bins 0 .. bins - 1, monotone in the magnitude within a row
+    b += (torch.arange(n_rows, dtype=torch.int32, device=mag.device) * bins).unsqueeze(1)
+    counts = torch.bincount(b.view(-1), minlength=n_rows * bins)
+    upto = counts.cumsum(0)  # the rows' bins are consecutive: a row's start turns these into ranks within it
+    before = upto - counts
+    cell = b.view(-1)[idx].long()
+    rows = idx // width
+    row_start = before[rows * bins]
+    first = before[cell] - row_start  # the ranks of the entry's bin: first .. last
+    last = upto[cell] - row_start - 1
+    cuts = (flat_u[idx] - low) / slope
+    decided = cuts < first
+    unsure = (cuts >= first) & (cuts < last)
     count = int(unsure.sum())
-    if count == 0:
-        return keep
     if count * width > 8 * mag.numel():  # many ties: rank the chunk by a stable sort
         order = torch.sort(mag, dim=1, stable=True).indices
         ranks = torch.empty_like(order)
         ranks.scatter_(1, order, torch.arange(width, device=mag.device).expand_as(order))
-        return ranks > cut
-    r, c = unsure.nonzero(as_tuple=True)
-    position = torch.arange(width, device=mag.device)
-    for s in range(0, len(r), max(1, BLOCK // width)):
-        rr, cc = r[s:s + BLOCK // width or 1], c[s:s + BLOCK // width or 1]
-        row, m = mag[rr], mag[rr, cc].unsqueeze(1)
-        rank = (row < m).sum(1) + ((row == m) & (position < cc.unsqueeze(1))).sum(1)
-        keep[rr, cc] = rank > cut[rr, cc]
-    return keep
+        keep[idx] = ranks.view(-1)[idx] > cuts
+        return keep.view(n_rows, width)
+    if count:
+        ur, uc, ucut = rows[unsure], idx[unsure] % width, cuts[unsure]
+        position = torch.arange(width, device=mag.device)
+        exact = torch.empty(count, dtype=torch.bool, device=mag.device)
+        step = max(1, BLOCK // width)
+        for s in range(0, count, step):
+            rr, cc = ur[s:s + step], uc[s:s + step]
+            row, m = mag[rr], mag[rr, cc].unsqueeze(1)
+            rank = (row < m).sum(1) + ((row == m) & (position < cc.unsqueeze(1))).sum(1)
+            exact[s:s + step] = rank > ucut[s:s + step]
+        decided[unsure] = exact
+    keep[idx] = decided
+    return keep.view(n_rows, width)
 
 
 def _l1(x: Tensor) -> float:
@@ -387,6 +409,7 @@ def _combine(deltas: list[Tensor], weights: list[float], cuts: list[RankCut | No
     size = min(n, BLOCK)
     exact = is_exact(dtype)
     scratch = [torch.empty(size, dtype=out.dtype, device=out.device) for _ in range(4)]
+    low = None if exact else torch.empty(size, dtype=dtype, device=out.device)  # rounding through a reused buffer
     mag = torch.empty(size, dtype=out.dtype, device=out.device)
     flat = [d.view(-1) for d in deltas]
     target = out.view(-1)
@@ -403,7 +426,7 @@ def _combine(deltas: list[Tensor], weights: list[float], cuts: list[RankCut | No
             if not weighted and w != 1.0:
                 x.mul_(w)
                 if not exact:
-                    round_(x, dtype)
+                    round_(x, dtype, low)
             xs.append(x)
         if consensus:
             torch.add(xs[0], xs[1], out=sign) if len(xs) > 1 else sign.copy_(xs[0])
@@ -421,10 +444,10 @@ def _combine(deltas: list[Tensor], weights: list[float], cuts: list[RankCut | No
                     div.add_(torch.sign(y, out=y), alpha=w)  # sum of the agreeing models' weights
             mixed.mul_(sign)
             if not exact:
-                round_(mixed, dtype)
+                round_(mixed, dtype, low)
             if normalize:
                 if not exact:
-                    round_(div, dtype)
+                    round_(div, dtype, low)
                 if positive_weights:
                     div.clamp_(min=1e-30)  # where nothing agrees mixed is 0: 0 / tiny = 0, as 0 / 1
                 else:
@@ -435,15 +458,15 @@ def _combine(deltas: list[Tensor], weights: list[float], cuts: list[RankCut | No
             for x in xs[2:]:
                 mixed.add_(x)
             if not exact:
-                round_(mixed, dtype)
+                round_(mixed, dtype, low)
             if normalize:
                 mixed.div_(total_w if abs(total_w) >= 1e-8 else 1.0)
         if not exact and (normalize or lam != 1.0):
-            round_(mixed, dtype)
+            round_(mixed, dtype, low)
         if lam != 1.0:
             mixed.mul_(lam)
             if not exact:
-                round_(mixed, dtype)
+                round_(mixed, dtype, low)
         target[start:end].add_(mixed)
     return out
 
@@ -506,11 +529,14 @@ def slerp_tensors(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.999
     d = <v0/|v0|, v1/|v1|>; if |d| > 0.9995 (nearly parallel) theta = (1-t) v0 + t v1, else with Omega = arccos d:
     theta = sin((1-t) Omega)/sin Omega * v0 + sin(t Omega)/sin Omega * v1 (the unnormalized tensors).
     """
-    n0 = float(torch.linalg.vector_norm(v0))
-    n1 = float(torch.linalg.vector_norm(v1))
+    # norms and dot of float32 blocks summed in float64: one float32 sum over a 43M-element tensor is off by ~1e-6
+    # relative, which nearly parallel tensors (fine-tunes of one base) turn into ~1e-4 errors of the result
+    v0, v1 = v0.contiguous(), v1.contiguous()
+    n0 = math.sqrt(_dot(v0, v0))
+    n1 = math.sqrt(_dot(v1, v1))
     n0 = n0 if n0 > eps else 1.0
     n1 = n1 if n1 > eps else 1.0
-    dot = float(torch.linalg.vecdot(v0.reshape(-1), v1.reshape(-1))) / (n0 * n1) if v0.numel() else 1.0
+    dot = _dot(v0, v1) / (n0 * n1) if v0.numel() else 1.0
     dot = min(1.0, max(-1.0, dot)) if math.isfinite(dot) else dot
     if not math.isfinite(dot) or abs(dot) > dot_threshold:
         c0, c1 = 1.0 - t, t
@@ -751,7 +777,8 @@ def _col_chunks(width: int) -> list[slice]:
 
 @operator("passthrough", base="ignored",
           params=[Param("scale", float, None, per_model=True, doc="multiply the tensor by this (none: copy)")],
-          min_models=1, max_models=1, reference="https://github.com/arcee-ai/mergekit")
+          min_models=1, max_models=1, reference="https://github.com/arcee-ai/mergekit",
+          identity=lambda params, g: params[0].get("scale") is None)
 def passthrough(tensors: list[Tensor], base: Tensor | None, params: list[Params], g: Params, name: str,
                 dtype: torch.dtype | None = None) -> Tensor:
     """theta = theta_1 (times ``scale`` when set): copies one model's tensor, which with ``slices`` stacks layers
@@ -859,12 +886,20 @@ def merge_tensor(op: Operator, name: str, tensors: list[Tensor], base: Tensor | 
     working copies' own); the result is not yet rounded to it (the caller does, then casts to the output dtype)."""
     tensors = [x.contiguous() for x in tensors]  # block-wise passes use flat views
     base = base.contiguous() if base is not None else None
+    params, glob = resolve_params(op, name, model_settings, global_settings, t, input_names, slice_settings)
+    return op.fn(tensors, base, params, glob, name, dtype)
+
+
+def resolve_params(op: Operator, name: str, model_settings: Sequence[Mapping[str, Any] | None],
+                   global_settings: Mapping[str, Any] | None, t: float, input_names: Sequence[str] | None = None,
+                   slice_settings: Mapping[str, Any] | None = None) -> tuple[list[Params], Params]:
+    """(each input's parameters, the global parameters) of ``op`` for tensor ``name``, with :func:`merge_tensor`'s
+    precedence."""
     model_specs = [p for p in op.params if p.per_model]
     global_specs = [p for p in op.params if not p.per_model]
-    names = list(input_names) if input_names is not None else [name] * len(tensors)
+    names = list(input_names) if input_names is not None else [name] * len(model_settings)
     params = [resolve(model_specs, [s, slice_settings, global_settings], n, t) for s, n in zip(model_settings, names)]
-    glob = resolve(global_specs, [slice_settings, global_settings], name, t)
-    return op.fn(tensors, base, params, glob, name, dtype)
+    return params, resolve(global_specs, [slice_settings, global_settings], name, t)
 
 
 def infer_layer_count(names: Sequence[str]) -> int | None:

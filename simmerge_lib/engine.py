@@ -121,15 +121,16 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
-def read_tensor(fd: int, info: TensorInfo) -> Tensor:
+def read_tensor(fd: int, info: TensorInfo, out: Tensor | None = None) -> Tensor:
     """The tensor ``info`` describes, read with ``pread`` from ``fd`` (``info.path`` opened ``O_RDONLY``) into a
     fresh buffer, in its stored dtype and shape.
 
     Why not ``mmap`` (``safetensors.safe_open``): pages of a mapped file that were touched count in the process's
     resident set for as long as the file stays mapped, so reading a shard through a mapping costs its size in RSS
     on top of the tensor copies; ``pread`` goes through the page cache, which is not resident set. The caller owns
-    the returned tensor (it may be modified in place). Safe to call from several threads on one ``fd``."""
-    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    the returned tensor (it may be modified in place). Safe to call from several threads on one ``fd``.
+    ``out``: a tensor of ``info``'s dtype and shape to read into (a reused buffer) instead of a new one."""
+    buf = torch.empty(info.nbytes, dtype=torch.uint8) if out is None else out.view(-1).view(torch.uint8)
     view = memoryview(buf.numpy()) if info.nbytes else memoryview(b"")
     done = 0
     try:
@@ -554,6 +555,63 @@ class _Budget:
             self.cond.notify_all()
 
 
+def _new(nbytes: int, dtype: torch.dtype, shape: Sequence[int]) -> Tensor:
+    return torch.empty(tuple(shape), dtype=dtype)
+
+
+class BufferPool:
+    """Buffers reused from tensor to tensor. A fresh buffer costs its first touch of every page (page faults:
+    measured 0.3-2 s per GB on the course VM, more than reading it from the page cache) and glibc maps every
+    allocation above 32 MB afresh, so a merge that allocated per tensor paid that on most of its bytes. A task
+    takes its buffers through a :class:`Lease` and gives them back when its tensor is written; buffers in use and
+    free ones together stay under ``limit`` bytes (the plan's memory bound) whenever the tasks' own do, so reuse
+    adds nothing to peak memory."""
+
+    def __init__(self, limit: int):
+        self.limit, self.free, self.lock = limit, [], threading.Lock()
+        self.held = 0  # bytes of the buffers taken and not given back
+
+    def take(self, nbytes: int) -> Tensor:
+        with self.lock:
+            fits = [i for i, b in enumerate(self.free) if nbytes <= b.numel() <= 2 * nbytes + (1 << 20)]
+            buf = self.free.pop(min(fits, key=lambda i: self.free[i].numel())) if fits else None
+            if buf is None:
+                # room for a new buffer: drop free ones that no task can use before the total passes the limit
+                while self.free and self.held + nbytes + sum(b.numel() for b in self.free) > self.limit:
+                    self.free.pop(min(range(len(self.free)), key=lambda i: self.free[i].numel()))
+            self.held += buf.numel() if buf is not None else max(nbytes, 1)
+        return buf if buf is not None else torch.empty(max(nbytes, 1), dtype=torch.uint8)
+
+    def give(self, buffers: Sequence[Tensor]) -> None:
+        with self.lock:
+            self.free.extend(buffers)
+            self.held -= sum(b.numel() for b in buffers)
+            while self.free and self.held + sum(b.numel() for b in self.free) > self.limit:
+                self.free.pop(min(range(len(self.free)), key=lambda i: self.free[i].numel()))
+
+    def lease(self) -> Lease:
+        return Lease(self)
+
+
+class Lease:
+    """The buffers one task took from a :class:`BufferPool`, all given back when the lease closes."""
+
+    def __init__(self, pool: BufferPool):
+        self.pool, self.taken = pool, []
+
+    def __call__(self, nbytes: int, dtype: torch.dtype, shape: Sequence[int]) -> Tensor:
+        buf = self.pool.take(nbytes)
+        self.taken.append(buf)
+        return buf[:nbytes].view(dtype).view(tuple(shape))
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.give(self.taken)
+        self.taken = []
+
+
 def _check_finite(x: Tensor, info: TensorInfo | Path, name: str) -> None:
     if x.numel() and x.is_floating_point():
         lo, hi = torch.aminmax(x)
@@ -562,20 +620,27 @@ def _check_finite(x: Tensor, info: TensorInfo | Path, name: str) -> None:
             raise CheckpointError(f"{where}: tensor {name!r} contains NaN or Inf")
 
 
-def to_work(raw: Tensor, compute: torch.dtype) -> Tensor:
+def to_work(raw: Tensor, compute: torch.dtype, alloc: Any = _new) -> Tensor:
     """A stored tensor as a working copy: rounded to the compute dtype (as mergekit casts it on loading), held in
-    float32 (float64 for a float64 merge). Reuses ``raw``'s memory when it already is a float32 tensor."""
+    float32 (float64 for a float64 merge). Reuses ``raw``'s memory when it already is a float32 tensor; else the
+    copy goes into ``alloc(nbytes, dtype, shape)``."""
     work = work_dtype(compute)
     if raw.dtype == work:
         return round_(raw, compute)
+    out = alloc(raw.numel() * work.itemsize, work, raw.shape).copy_(raw)
     if raw.dtype == compute or is_exact(compute) or raw.dtype.itemsize < compute.itemsize:
-        return raw.to(work)  # exact: no rounding needed
-    return round_(raw.to(work), compute)
+        return out  # exact: no rounding needed
+    return round_(out, compute)
 
 
-def merge_task(plan: Plan, task: Task, load: Any) -> Tensor:
+def _cast(x: Tensor, dtype: torch.dtype, alloc: Any) -> Tensor:
+    return x if x.dtype == dtype else alloc(x.numel() * dtype.itemsize, dtype, x.shape).copy_(x)
+
+
+def merge_task(plan: Plan, task: Task, load: Any, alloc: Any = _new) -> Tensor:
     """The merged tensor of ``task`` in its output dtype, from ``load(info, name) -> stored tensor`` (owned by the
-    caller's loader; it may be modified). Shared by the streaming engine and the in-memory path."""
+    caller's loader; it may be modified), new tensors from ``alloc(nbytes, dtype, shape)``. Shared by the
+    streaming engine (which reuses buffers) and the in-memory path."""
     infos = task.inputs + ([task.base] if task.base is not None else [])
     names = task.input_names + ([task.base_name] if task.base is not None else [])
     if task.compute is None:  # not floating point: copied from the base (or the first input)
@@ -584,14 +649,14 @@ def merge_task(plan: Plan, task: Task, load: Any) -> Tensor:
             plan.op, task.name, task.settings, plan.recipe.parameters, task.t, task.input_names,
             task.slice_settings)):  # a copy (passthrough): cast the stored tensor, no float32 working copy
         raw = load(infos[0], names[0])
-        out = raw.to(task.compute).to(task.out_dtype)
+        out = _cast(_cast(raw, task.compute, alloc), task.out_dtype, alloc)
         if out.dtype.itemsize < raw.dtype.itemsize:
             _check_finite(out, plan.reference.folder, f"{task.name} (cast to {task.out_dtype})")
         return out
     work = []
     for info, name in zip(infos, names):
         raw = load(info, name)
-        work.append(to_work(raw, task.compute))
+        work.append(to_work(raw, task.compute, alloc))
         del raw
     if task.vocab:
         assert plan.vocab is not None
@@ -603,7 +668,7 @@ def merge_task(plan: Plan, task: Task, load: Any) -> Tensor:
     del work, base
     if task.out_dtype != task.compute:  # a cast straight to the compute dtype rounds on the way
         round_(merged, task.compute)
-    out = merged if merged.dtype == task.out_dtype else merged.to(task.out_dtype)
+    out = _cast(merged, task.out_dtype, alloc)
     del merged
     if out.numel():
         lo, hi = torch.aminmax(out)
@@ -621,6 +686,7 @@ class TaskRunner:
 
     def __init__(self, plan: Plan, partial: Path, device: torch.device, progress: Any):
         self.plan, self.partial, self.device, self.progress = plan, partial, device, progress
+        self.pool = BufferPool(plan.memory_bound)
         self.fds: dict[Path, int] = {}
         self.out_fds: dict[int, int] = {}
         self.remaining: dict[int, int] = {}
@@ -650,21 +716,23 @@ class TaskRunner:
             self.out_fds[index] = fd
             self.remaining[index] = len(shard.tasks)
 
-    def load(self, info: TensorInfo, name: str) -> Tensor:
-        raw = read_tensor(self.fds[info.path], info)
+    def load(self, info: TensorInfo, name: str, alloc: Any = _new) -> Tensor:
+        raw = read_tensor(self.fds[info.path], info, alloc(info.nbytes, info.dtype, info.shape))
         if self.device.type != "cpu":
             raw = raw.to(self.device, non_blocking=False)
         _check_finite(raw, info, name)
         return raw
 
     def run_task(self, task: Task) -> None:
-        with torch.no_grad():
-            out = merge_task(self.plan, task, self.load)
+        shard = self.plan.shards[task.shard]
+        with torch.no_grad(), self.pool.lease() as lease:
+            alloc = lease if self.device.type == "cpu" else _new
+            out = merge_task(self.plan, task, lambda info, name: self.load(info, name, lease), alloc)
             if out.device.type != "cpu":
                 out = out.cpu()
-        shard = self.plan.shards[task.shard]
-        _write_all(self.out_fds[task.shard], _tensor_bytes(out), task.offset, self.partial / (shard.name + ".tmp"))
-        del out
+            _write_all(self.out_fds[task.shard], _tensor_bytes(out), task.offset,
+                       self.partial / (shard.name + ".tmp"))
+            del out
         with self.lock:
             self.remaining[task.shard] -= 1
             done = self.remaining[task.shard] == 0

@@ -498,3 +498,19 @@ def test_every_method_equals_mergekit_on_checkpoints(deep_zoo, tmp_path, mergeki
         # tool and not the other; test_operators checks that such ties are the only differences
         allowed = 0 if (dtype == "float32" or "breadcrumbs" not in name) else max(4, ours[key].numel() // 50)
         assert int((~close).sum()) <= allowed, key
+
+
+def test_buffer_pool_reuses_buffers_within_its_limit():
+    pool = engine.BufferPool(limit=1000)
+    with pool.lease() as lease:
+        a = lease(400, torch.float32, (100,))
+        b = lease(200, torch.uint8, (10, 20))
+        assert a.shape == (100,) and b.shape == (10, 20) and pool.held == 600
+        pointer = a.data_ptr()
+    assert pool.held == 0 and sorted(x.numel() for x in pool.free) == [200, 400]
+    with pool.lease() as lease:
+        again = lease(360, torch.float32, (90,))  # fits the 400-byte buffer: reused, not allocated
+        assert again.data_ptr() == pointer
+        lease(900, torch.uint8, (900,))  # no fit: free buffers are dropped to keep held + free under the limit
+        assert pool.held + sum(x.numel() for x in pool.free) <= 1000 + 400
+    assert pool.held == 0 and sum(x.numel() for x in pool.free) <= 1000

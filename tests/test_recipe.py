@@ -180,3 +180,9 @@ def test_slices_with_a_base_per_slice_and_an_empty_slices_list():
     assert recipe.model_names() == ["b1", "x", "b2", "y"]
     # mergekit reads an empty `slices` beside `models` as absent
     assert Recipe.from_dict({"merge_method": "linear", "models": ["a"], "slices": []}).slices is None
+
+
+def test_slerp_with_an_unlisted_base_takes_it_as_the_base_like_mergekit():
+    recipe = Recipe.from_dict({"merge_method": "slerp", "base_model": "a", "models": ["b"], "parameters": {"t": 0.3}})
+    inputs, base = recipe.merge_inputs()
+    assert [m.model for m in inputs] == ["b"] and base.model == "a" and recipe.reference_model() == "a"

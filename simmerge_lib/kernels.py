@@ -166,10 +166,11 @@ class RankCut:
         v, above, equal = kth_largest_abs(flat, rank)
         return cls(v, rank - above, equal)  # quota: how many of the tied entries rank before the cut
 
-    def keep(self, mag: Tensor) -> Tensor:
-        """Mask of a block's entries before the cut; blocks must come in order (the tie quota is consumed)."""
+    def keep(self, mag: Tensor, out: Tensor | None = None) -> Tensor:
+        """Mask of a block's entries before the cut (into the bool tensor ``out`` when given); blocks must come in
+        order (the tie quota is consumed)."""
         if self.all_ties:
-            return mag >= self.value
+            return torch.ge(mag, self.value, out=out) if out is not None else mag >= self.value
         keep = mag > self.value
         tied = mag == self.value
         count = int(tied.sum())

@@ -411,6 +411,7 @@ def _combine(deltas: list[Tensor], weights: list[float], cuts: list[RankCut | No
     scratch = [torch.empty(size, dtype=out.dtype, device=out.device) for _ in range(4)]
     low = None if exact else torch.empty(size, dtype=dtype, device=out.device)  # rounding through a reused buffer
     mag = torch.empty(size, dtype=out.dtype, device=out.device)
+    mask = torch.empty(size, dtype=torch.bool, device=out.device)
     flat = [d.view(-1) for d in deltas]
     target = out.view(-1)
     positive_weights = all(w > 0 for w in weights)
@@ -422,7 +423,7 @@ def _combine(deltas: list[Tensor], weights: list[float], cuts: list[RankCut | No
         for d, w, cut in zip(flat, weights, cuts):
             x = d[start:end]
             if cut is not None:
-                x.mul_(cut.keep(torch.abs(x, out=mag[:length])))
+                x.mul_(cut.keep(torch.abs(x, out=mag[:length]), mask[:length]))
             if not weighted and w != 1.0:
                 x.mul_(w)
                 if not exact:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -555,8 +556,8 @@ class _Budget:
             self.cond.notify_all()
 
 
-def _new(nbytes: int, dtype: torch.dtype, shape: Sequence[int]) -> Tensor:
-    return torch.empty(tuple(shape), dtype=dtype)
+def _new(nbytes: int, dtype: torch.dtype, shape: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
 class BufferPool:
@@ -603,6 +604,13 @@ class Lease:
         buf = self.pool.take(nbytes)
         self.taken.append(buf)
         return buf[:nbytes].view(dtype).view(tuple(shape))
+
+    def release(self, tensor: Tensor) -> None:
+        """Give back early the buffer ``tensor`` was taken in (a read buffer once converted)."""
+        for i, buf in enumerate(self.taken):
+            if buf.data_ptr() == tensor.data_ptr():
+                self.pool.give([self.taken.pop(i)])
+                return
 
     def __enter__(self) -> Lease:
         return self
@@ -657,6 +665,8 @@ def merge_task(plan: Plan, task: Task, load: Any, alloc: Any = _new) -> Tensor:
     for info, name in zip(infos, names):
         raw = load(info, name)
         work.append(to_work(raw, task.compute, alloc))
+        if work[-1].data_ptr() != raw.data_ptr() and hasattr(alloc, "release"):
+            alloc.release(raw)  # the stored copy is no longer needed: the next read reuses it
         del raw
     if task.vocab:
         assert plan.vocab is not None
@@ -726,7 +736,7 @@ class TaskRunner:
     def run_task(self, task: Task) -> None:
         shard = self.plan.shards[task.shard]
         with torch.no_grad(), self.pool.lease() as lease:
-            alloc = lease if self.device.type == "cpu" else _new
+            alloc = lease if self.device.type == "cpu" else functools.partial(_new, device=self.device)
             out = merge_task(self.plan, task, lambda info, name: self.load(info, name, lease), alloc)
             if out.device.type != "cpu":
                 out = out.cpu()

@@ -1,17 +1,22 @@
-"""The streaming merge engine against mergekit and against the I/O floor, on synthetic checkpoints.
+"""The streaming engine against mergekit and against the I/O floor, for every registered method, on the same inputs.
 
-Makes three Llama-shaped checkpoints (a base and two experts = base + small noise) of ``--gb-per-model`` each,
-then, for a ``linear`` and a ``ties`` recipe, runs as separate processes (wall seconds and peak RSS of each,
-from ``getrusage`` of the child, imports included):
+Makes three Llama-shaped checkpoints (a base and two experts = base + small noise) of ``--gb-per-model`` each, per
+dtype in ``--dtype`` (float32 and bfloat16 by default), then for one recipe per registered method (the recipe's
+``dtype`` is the checkpoints' dtype, so both tools compute in it) runs, as separate processes (wall seconds and
+peak RSS of each, from ``getrusage`` of the child, imports included):
 
-* ours: ``python -m simmerge_lib.engine RECIPE OUT`` (= ``simmerge merge``, minus other commands' imports);
-* mergekit: ``mergekit-yaml RECIPE OUT`` (skipped with a note when mergekit is not installed);
-* the I/O floor: reading the three inputs into memory and writing one output with plain ``safetensors``
-  (``load_file`` + a copy of each tensor, since ``load_file`` only maps the file; then ``save_file``).
+* ours: ``python -m simmerge_lib.engine RECIPE OUT`` (= ``simmerge merge``, which imports nothing else);
+* mergekit: ``mergekit-yaml RECIPE OUT`` (skipped with a note when mergekit is not installed, or ``--no-mergekit``);
+* the I/O floor of that recipe: reading the tensors it reads into memory and writing an output of its size with
+  plain ``safetensors`` (``load_file`` + a copy of each tensor, since ``load_file`` only maps the file; then
+  ``save_file``), one process.
 
-``speedup_vs_mergekit = mergekit_s / ours_s``; ``ratio_to_io_floor = ours_s / io_floor_s``. Goals: speedup >= 1.5
-at no more peak memory than mergekit, ratio_to_io_floor <= 1.5. Also checks that both tools produced the same
-tensors (up to TIES threshold ties). Usage: ``python benchmarks/merge_engine.py [--gb-per-model 1] [--dtype float32] [--threads N]``.
+Per method: ``speedup_vs_mergekit = mergekit_s / ours_s``, ``ratio_to_io_floor = ours_s / io_floor_s``,
+``ours_peak_rss_mb``, ``mergekit_peak_rss_mb``. Goals: speedup >= 1.5, ratio_to_io_floor <= 1.5 and no more peak
+memory than mergekit (``targets_met``). Also how far the two tools' tensors are apart (``vs_mergekit_output``:
+TIES-like methods differ where entries tie at the trimming threshold; DARE and DELLA draw other random masks).
+The machine's load average is recorded before and after (figures measured on a loaded machine are slower).
+Usage: ``python benchmarks/merge_engine.py [--gb-per-model 1] [--dtype float32 bfloat16] [--methods ties linear]``.
 Prints one JSON line and writes it to ``build/bench/merge_engine.json``.
 """
 
@@ -82,29 +87,55 @@ def make_checkpoints(root: Path, gb: float, dtype_name: str) -> dict[str, Path]:
 
 
 def recipes(folders: dict[str, Path], dtype_name: str) -> dict[str, dict]:
+    """One recipe per registered method (the benchmark covers every one; a new operator needs a line here)."""
+    from simmerge_lib.operators import OPERATORS
+
     e0, e1, base = (str(folders[n]) for n in ("e0", "e1", "base"))
-    return {
+
+    def task_vectors(method: str, **per_model: float) -> dict:
+        return {"merge_method": method, "base_model": base,
+                "models": [{"model": e0, "parameters": {"weight": 1.0, **per_model}},
+                           {"model": e1, "parameters": {"weight": 1.0, **per_model}}]}
+
+    out = {
         "linear": {"merge_method": "linear", "models": [{"model": e0, "parameters": {"weight": 0.5}},
-                                                         {"model": e1, "parameters": {"weight": 0.5}}],
-                   "dtype": dtype_name},
-        "ties": {"merge_method": "ties", "base_model": base,
-                 "models": [{"model": e0, "parameters": {"weight": 1.0, "density": 0.2}},
-                            {"model": e1, "parameters": {"weight": 1.0, "density": 0.2}}],
-                 "parameters": {"lambda": 1.0}, "dtype": dtype_name},
+                                                         {"model": e1, "parameters": {"weight": 0.5}}]},
+        "slerp": {"merge_method": "slerp", "base_model": base, "models": [{"model": base}, {"model": e0}],
+                  "parameters": {"t": 0.5}},
+        "nuslerp": {"merge_method": "nuslerp", "base_model": base,
+                    "models": [{"model": e0, "parameters": {"weight": 0.5}},
+                               {"model": e1, "parameters": {"weight": 0.5}}]},
+        "task_arithmetic": {**task_vectors("task_arithmetic"), "parameters": {"lambda": 0.8}},
+        "ties": {**task_vectors("ties", density=0.2), "parameters": {"lambda": 1.0}},
+        "dare_linear": task_vectors("dare_linear", density=0.2),
+        "dare_ties": task_vectors("dare_ties", density=0.2),
+        "breadcrumbs": task_vectors("breadcrumbs", density=0.9, gamma=0.01),
+        "breadcrumbs_ties": task_vectors("breadcrumbs_ties", density=0.9, gamma=0.01),
+        "della": task_vectors("della", density=0.2, epsilon=0.1),
+        "della_linear": task_vectors("della_linear", density=0.2, epsilon=0.1),
+        "model_stock": {"merge_method": "model_stock", "base_model": base, "models": [{"model": e0},
+                                                                                       {"model": e1}]},
+        "passthrough": {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": e0, "layer_range": [0, LAYERS * 5 // 8]}]},
+            {"sources": [{"model": e1, "layer_range": [LAYERS * 3 // 8, LAYERS]}]}]},
     }
+    missing = set(OPERATORS) - set(out)
+    if missing:
+        raise SystemExit(f"benchmarks/merge_engine.py: no recipe for the registered method(s) {sorted(missing)}")
+    return {name: {**spec, "dtype": dtype_name} for name, spec in out.items()}
 
 
 IO_FLOOR = """
-import sys, time
+import json, sys, time
 from safetensors.torch import load_file, save_file
+spec = json.loads(sys.argv[1])
 t0 = time.perf_counter()
-keep = None
-for path in sys.argv[2:]:
+read = {}
+for path, names in spec["reads"].items():
     mapped = load_file(path)  # memory-mapped: no byte has been read yet
-    sd = {name: t.clone() for name, t in mapped.items()}  # the bytes actually read into memory
+    read[path] = {name: mapped[name].clone() for name in names}  # the bytes actually read into memory
     del mapped
-    keep = keep or sd
-save_file(keep, sys.argv[1], {"format": "pt"})
+save_file({out: read[path][name] for path, name, out in spec["writes"]}, spec["out"], {"format": "pt"})
 print(time.perf_counter() - t0)
 """
 
@@ -127,9 +158,26 @@ def measure(cmd: list[str]) -> dict:
     return out
 
 
+def floor_spec(recipe_dict: dict, out: Path) -> dict:
+    """What the recipe reads (each needed tensor once) and an output of its size, for the I/O floor script."""
+    from simmerge_lib import engine
+    from simmerge_lib.recipe import Recipe
+
+    plan = engine.plan_merge(Recipe.from_dict(recipe_dict), "1TB")
+    reads: dict[str, list[str]] = {}
+    writes = []
+    for task in plan.tasks:
+        names = task.input_names + ([task.base_name] if task.base is not None else [])
+        for info, name in zip(task.inputs + ([task.base] if task.base is not None else []), names):
+            if name not in reads.setdefault(str(info.path), []):
+                reads[str(info.path)].append(name)
+        first = (task.inputs or [task.base])[0]
+        writes.append([str(first.path), (task.input_names or [task.base_name])[0], task.name])
+    return {"reads": reads, "writes": writes, "out": str(out)}
+
+
 def compare(a: Path, b: Path, atol: float = 1e-6) -> dict:
-    """Largest absolute difference between two checkpoints and how many elements differ by more than ``atol``
-    (TIES keeps every entry tied with the top-k threshold; mergekit's argsort keeps an arbitrary k of them)."""
+    """Largest absolute difference between two checkpoints and how many elements differ by more than ``atol``."""
     from safetensors import safe_open
 
     from simmerge_lib.checkpoint import iter_tensors, weight_files
@@ -145,79 +193,80 @@ def compare(a: Path, b: Path, atol: float = 1e-6) -> dict:
     return {"max_abs_diff": worst, "elements_differing": differ, "elements": total}
 
 
+def bench_dtype(args: argparse.Namespace, dtype: str, work: Path, have_mergekit: bool) -> dict:
+    from simmerge_lib.recipe import Recipe
+
+    folders = make_checkpoints(work / f"models-{dtype}", args.gb_per_model, dtype)
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]  # mergekit's shard size counts parameters
+    specs = recipes(folders, dtype)
+    methods = args.methods or list(specs)
+    rows: dict[str, dict] = {}
+    floors: dict[str, dict] = {}
+    for name in methods:
+        spec = specs[name]
+        path = work / f"{name}.yml"
+        Recipe.from_dict(spec).to_yaml(path)
+        ours_out, theirs_out = work / f"ours_{name}", work / f"mergekit_{name}"
+        fspec = floor_spec(spec, work / "io_floor.safetensors")
+        key = json.dumps(fspec, sort_keys=True)
+        if key not in floors:  # recipes that read and write the same tensors share one floor measurement
+            floors[key] = measure([sys.executable, "-c", IO_FLOOR, json.dumps(fspec)])
+            (work / "io_floor.safetensors").unlink(missing_ok=True)
+        floor = floors[key]
+        cmd = [sys.executable, "-m", "simmerge_lib.engine", str(path), str(ours_out), "--force", "--quiet",
+               "--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
+        ours = measure(cmd)
+        row = {"ours_s": round(ours["wall_s"], 2), "ours_peak_rss_mb": round(ours["peak_rss_mb"]),
+               "io_floor_s": round(floor["wall_s"], 2), "io_floor_peak_rss_mb": round(floor["peak_rss_mb"]),
+               "ratio_to_io_floor": round(ours["wall_s"] / floor["wall_s"], 2)}
+        if have_mergekit:
+            shutil.rmtree(theirs_out, ignore_errors=True)
+            theirs = measure([str(MERGEKIT), str(path), str(theirs_out), "--lazy-unpickle", "--no-copy-tokenizer",
+                              "--out-shard-size", str(int(2e9 // itemsize)), "--quiet"])
+            row |= {"mergekit_s": round(theirs["wall_s"], 2), "mergekit_peak_rss_mb": round(theirs["peak_rss_mb"]),
+                    "speedup_vs_mergekit": round(theirs["wall_s"] / ours["wall_s"], 2),
+                    "vs_mergekit_output": compare(ours_out, theirs_out)}
+            row["targets_met"] = (row["speedup_vs_mergekit"] >= 1.5 and row["ratio_to_io_floor"] <= 1.5
+                                  and row["ours_peak_rss_mb"] <= row["mergekit_peak_rss_mb"])
+        rows[name] = row
+        print(json.dumps({"dtype": dtype, "method": name, **row}), file=sys.stderr, flush=True)
+        shutil.rmtree(ours_out, ignore_errors=True)
+        shutil.rmtree(theirs_out, ignore_errors=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb-per-model", type=float, default=1.0)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
+                        choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--methods", nargs="+", default=None, help="only these methods (default: every one)")
+    parser.add_argument("--no-mergekit", action="store_true", help="ours and the I/O floor only")
     parser.add_argument("--threads", type=int, default=None, help="simmerge --threads (default: its own)")
     parser.add_argument("--work", default=None, help="scratch folder (default build/bench/merge_engine_work)")
-    parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints and outputs")
-    parser.add_argument("--device", default="cpu",
-                        help="simmerge --device; with cuda the output is also compared with a CPU merge and the "
-                             "result goes to build/bench/merge_engine_cuda.json")
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
+    parser.add_argument("--device", default="cpu", help="simmerge --device (results go to merge_engine_<device>.json)")
     args = parser.parse_args()
 
     from simmerge_lib.checkpoint import write_json_atomic
     from simmerge_lib.paths import build_path
 
     work = Path(args.work) if args.work else build_path("bench", "merge_engine_work")
-    folders = make_checkpoints(work / "models", args.gb_per_model, args.dtype)
-    have_mergekit = MERGEKIT.exists()
-    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]  # mergekit's shard size counts parameters
-    env_note = None if have_mergekit else "mergekit not installed: pip install -e '.[dev]'"
-    result: dict = {"gb_per_model": args.gb_per_model, "dtype": args.dtype, "cores": os.cpu_count(),
-                    "device": args.device,
-                    "ours_s": {}, "mergekit_s": {}, "speedup_vs_mergekit": {}, "ours_peak_rss_mb": {},
-                    "mergekit_peak_rss_mb": {}, "io_floor_s": None, "io_floor_peak_rss_mb": None,
-                    "ratio_to_io_floor": {}, "vs_mergekit_output": {}}
-    inputs = [str(folders[n] / "model.safetensors") for n in ("base", "e0", "e1")]
-    floor_out = work / "io_floor.safetensors"
-    floor = measure([sys.executable, "-c", IO_FLOOR, str(floor_out), *inputs])
-    floor_out.unlink(missing_ok=True)
-    result["io_floor_s"], result["io_floor_peak_rss_mb"] = round(floor["wall_s"], 2), round(floor["peak_rss_mb"])
-    for name, spec in recipes(folders, args.dtype).items():
-        path = work / f"{name}.yml"
-        from simmerge_lib.recipe import Recipe
-
-        Recipe.from_dict(spec).to_yaml(path)
-        ours_out, theirs_out = work / f"ours_{name}", work / f"mergekit_{name}"
-        def engine_cmd(out: Path, device: str) -> list[str]:
-            # `python -m simmerge_lib.engine` is `simmerge merge` without importing the other sub-commands' modules
-            cmd = [sys.executable, "-m", "simmerge_lib.engine", str(path), str(out), "--force", "--quiet",
-                   "--device", device]
-            return cmd + (["--threads", str(args.threads)] if args.threads else [])
-
-        ours = measure(engine_cmd(ours_out, args.device))
-        if args.device != "cpu":  # the GPU path must give the CPU path's tensors
-            cpu_out = work / f"ours_cpu_{name}"
-            cpu = measure(engine_cmd(cpu_out, "cpu"))
-            result.setdefault("cpu_s", {})[name] = round(cpu["wall_s"], 2)
-            result.setdefault("vs_cpu_output", {})[name] = compare(ours_out, cpu_out)
-            shutil.rmtree(cpu_out, ignore_errors=True)
-        result["ours_s"][name] = round(ours["wall_s"], 2)
-        result["ours_peak_rss_mb"][name] = round(ours["peak_rss_mb"])
-        result["ratio_to_io_floor"][name] = round(ours["wall_s"] / floor["wall_s"], 2)
-        if have_mergekit:
-            shutil.rmtree(theirs_out, ignore_errors=True)
-            env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-            os.environ.update(env)
-            theirs = measure([str(MERGEKIT), str(path), str(theirs_out), "--lazy-unpickle", "--no-copy-tokenizer",
-                              "--out-shard-size", str(int(2e9 // itemsize)), "--quiet"])
-            result["mergekit_s"][name] = round(theirs["wall_s"], 2)
-            result["mergekit_peak_rss_mb"][name] = round(theirs["peak_rss_mb"])
-            result["speedup_vs_mergekit"][name] = round(theirs["wall_s"] / ours["wall_s"], 2)
-            result["vs_mergekit_output"][name] = compare(ours_out, theirs_out)
-        if not args.keep:
-            shutil.rmtree(ours_out, ignore_errors=True)
-            shutil.rmtree(theirs_out, ignore_errors=True)
-    if env_note:
-        result["note"] = env_note
+    work.mkdir(parents=True, exist_ok=True)
+    have_mergekit = MERGEKIT.exists() and not args.no_mergekit
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    result: dict = {"gb_per_model": args.gb_per_model, "cores": os.cpu_count(), "device": args.device,
+                    "load_average_before": [round(x, 2) for x in os.getloadavg()], "by_dtype": {}}
+    for dtype in args.dtype:
+        result["by_dtype"][dtype] = bench_dtype(args, dtype, work, have_mergekit)
+    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    if not have_mergekit:
+        result["note"] = "mergekit not run" + ("" if args.no_mergekit else ": pip install -e '.[dev]'")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
-    line = json.dumps(result)
     suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
     write_json_atomic(build_path("bench", f"merge_engine{suffix}.json"), result)
-    print(line)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -61,20 +61,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-#: Operator traits the hybrid model shares across arms (a new operator borrows from operators with common traits).
-OPERATOR_TRAITS: dict[str, tuple[str, ...]] = {
-    "linear": ("interpolate",),
-    "slerp": ("interpolate", "spherical"),
-    "task_arithmetic": ("task_vector",),
-    "ties": ("task_vector", "trim", "sign_elect"),
-    "dare_linear": ("task_vector", "drop"),
-    "dare_ties": ("task_vector", "drop", "sign_elect"),
-    "breadcrumbs": ("task_vector", "trim"),
-    "breadcrumbs_ties": ("task_vector", "trim", "sign_elect"),
-    "della": ("task_vector", "drop"),
-    "della_linear": ("task_vector", "drop"),
-    "model_stock": ("interpolate", "task_vector"),
-}
+#: Operator traits the hybrid model shares across arms (a new operator borrows from operators with common traits)
+#: come from the operator registry (``operators.get_operator(name).traits``): registering an operator gives it
+#: its traits here too. An arm whose operator is not registered has none.
 TRAIT_NAMES = ("interpolate", "spherical", "task_vector", "trim", "drop", "sign_elect")
 #: Setting parameters as descriptor columns: value minus the neutral value (weight 0.5, t 0.5, lambda 1,
 #: density 1 = keep everything), so a setting at its neutral value adds nothing.
@@ -102,16 +91,19 @@ class Arm:
         return cls(method, setting, tuple(sorted((k, float(v)) for k, v in data.items())))
 
 
+def operator_traits(method: str) -> tuple[str, ...]:
+    """The registered operator's traits (:data:`simmerge_lib.operators.TRAITS`); () for an unknown operator."""
+    from .operators import get_operator  # in the function: the bandit's tables need no torch until an arm is seen
+
+    try:
+        return get_operator(method).traits
+    except ValueError:
+        return ()
+
+
 @functools.lru_cache(maxsize=4096)
 def _descriptor(arm: Arm) -> tuple[float, ...]:
-    traits = OPERATOR_TRAITS.get(arm.method)
-    if traits is None:
-        try:
-            from .operators import get_operator
-
-            traits = ("task_vector",) if get_operator(arm.method).needs_base else ("interpolate",)
-        except (KeyError, ValueError):
-            traits = ()
+    traits = operator_traits(arm.method)
     params = dict(arm.parameters)
     values = [float(t in traits) for t in TRAIT_NAMES]
     values += [params.get(k, neutral) - neutral for k, neutral in PARAM_NEUTRAL.items()]
@@ -119,8 +111,8 @@ def _descriptor(arm: Arm) -> tuple[float, ...]:
 
 
 def arm_descriptor(arm: Arm) -> np.ndarray:
-    """The arm's shared description: operator traits (:data:`OPERATOR_TRAITS`; an unknown operator gets
-    ``task_vector`` if it needs a base) and its setting's parameters minus their neutral values."""
+    """The arm's shared description: operator traits (:func:`operator_traits`, from the registry) and its
+    setting's parameters minus their neutral values."""
     return np.asarray(_descriptor(arm), dtype=float)
 
 

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from .catalogue import Catalogue
 from .checkpoint import CheckpointError, iter_tensors, quiet_transformers, weight_files
 from .engine import TensorInfo, read_header, read_tensor
+from .kernels import ties_threshold as _ties_threshold
 from .paths import build_path
 from .probes import N_PROBES, ProbeSet, kit_probes, load_jsonl
 
@@ -752,42 +753,6 @@ class _Acc:
 #: Elements per slice when accumulating a tensor's statistics: temporaries stay a few 16 MB buffers whatever the
 #: tensor's size (the tensors themselves, three or four at a time, are what a huge pair costs).
 _CHUNK = 1 << 22
-
-
-def _ties_threshold(tau: torch.Tensor, density: float) -> float:
-    """Smallest magnitude TIES keeps: the k-th largest |tau|, k = ceil(density * numel) (zeros never count).
-
-    Small tensors use ``topk``; for large ones ``topk``'s buffers would cost several copies of the tensor, so the
-    exact same value is found by a two-pass radix select over float32 bit patterns (non-negative floats sort like
-    their bits): pass 1 counts |tau| by the high 16 bits of its pattern, which gives the bucket holding the k-th
-    largest; pass 2 counts the low 16 bits inside that bucket. No temporary is larger than a slice. (It replaced a
-    31-pass bisection that took 19.5 s for a 12288 x 12288 tensor on one core; the two passes take 0.5 s.)
-    NaN entries never count (as in a comparison ``|tau| >= t``)."""
-    flat = tau.flatten()
-    k = max(1, math.ceil(density * flat.numel()))
-    if flat.numel() <= 4 * _CHUNK:
-        return float(torch.topk(flat.abs(), k, sorted=False).values.min())
-
-    def slices() -> Iterator[torch.Tensor]:
-        for start in range(0, flat.numel(), _CHUNK):
-            a = flat[start:start + _CHUNK].to(torch.float32).abs()
-            yield a.nan_to_num_(nan=0.0, posinf=math.inf).view(torch.int32)  # NaN as 0: below every t > 0
-
-    def select(counts: torch.Tensor, rank: int) -> tuple[int, int]:
-        """The bucket holding the rank-th largest entry (1-based) and how many entries lie in higher buckets."""
-        above = counts.flip(0).cumsum(0)  # above[j] = entries in the top j + 1 buckets
-        j = int(torch.searchsorted(above, rank))  # first j with above[j] >= rank
-        return len(counts) - 1 - j, int(above[j - 1]) if j else 0
-
-    high = torch.zeros(1 << 15, dtype=torch.int64)  # bit 31 (the sign) is 0 for |tau|
-    for bits in slices():
-        high += torch.bincount(bits >> 16, minlength=1 << 15)
-    bucket, higher = select(high, k)
-    low = torch.zeros(1 << 16, dtype=torch.int64)
-    for bits in slices():
-        low += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
-    low_bits, _ = select(low, k - higher)
-    return struct.unpack("<f", struct.pack("<I", (bucket << 16) | low_bits))[0]
 
 
 def _dot64(x: torch.Tensor, y: torch.Tensor, subtract: bool = False) -> float:

@@ -264,7 +264,7 @@ def merge_recipe_dict(recipe: Mapping[str, Any], state: Callable[[str], Mapping[
     base = state(base_spec.model) if (base_spec is not None and op.needs_base) else None
     return merge_state_dicts(rec.merge_method, [dict(state(s.model)) for s in specs], dict(base) if base else None,
                              [dict(s.parameters) for s in specs], rec.parameters, layer_count,
-                             out_dtype=rec.output_dtype())
+                             out_dtype=rec.output_dtype(), dtype=rec.compute_dtype())
 
 
 class _Merges:

@@ -1,24 +1,40 @@
 """Merge recipes in mergekit's YAML format, so that a recipe moves between SimMerge and mergekit unchanged.
 
-Supported schema (a subset of mergekit's; any other key is an error, never silently ignored)::
+Supported schema (every key below is honoured; any other key is an error naming it and the nearest supported form,
+never silently ignored)::
 
     merge_method: ties                 # a name in simmerge_lib.operators.OPERATORS
     base_model: ../zoo/base0           # local folder; relative paths are relative to the recipe file
-    models:
+    models:                            # either models ...
       - model: ../zoo/base0-reverse
         parameters: {weight: 0.5, density: [0.2, 0.8]}          # per-model: scalar, gradient, filters
       - model: ../zoo/base0-sort
         parameters: {weight: [{filter: mlp, value: 0.7}, {value: 0.3}]}
+    slices:                            # ... or slices: output layers made from layer ranges of the inputs
+      - sources:
+          - {model: ../zoo/a, layer_range: [0, 24], parameters: {weight: 0.5}}
+          - {model: ../zoo/b, layer_range: [0, 24]}
+        parameters: {t: [0, 1]}        # the slice's own parameters (between per-source and global)
+        base_model: ../zoo/a           # optional, overrides the recipe's base_model for this slice
     parameters: {lambda: 1.0, normalize: true}                   # global (and defaults for per-model ones)
-    dtype: bfloat16                    # output dtype (computation is always float32)
-    out_dtype: bfloat16                # optional, overrides dtype for the output
-    tokenizer_source: base             # base (default) or a model path; its tokenizer files are copied
+    dtype: float16                     # the dtype the merge is computed in (mergekit's meaning)
+    out_dtype: bfloat16                # optional, the dtype written (default: dtype)
+    tokenizer_source: base             # base, union, or a model path (embeddings follow the output vocabulary)
+
+With ``slices``, output layers are the slices' layers in order (renumbered from 0); gradients run over each slice's
+own layers; tensors outside the layers (embeddings before, final norm and head after) come from the first and the
+last slice. ``merge_method: passthrough`` with one source per slice stacks layers (a "frankenmerge").
+
+Keys SimMerge reads differently from mergekit, on purpose and documented: ``int8_mask`` is accepted and has no
+effect (in mergekit it only picks the dtype of an internal 0/1 mask); ``seed`` (DARE, DELLA) is a SimMerge
+extension that mergekit ignores; a per-model ``weight`` defaults to 1 where mergekit requires it.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +42,22 @@ from typing import Any
 import torch
 import yaml
 
-from .operators import get_operator
+from .operators import Operator, get_operator
 
-TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
-#: mergekit keys SimMerge does not implement (named in the error so the user knows it is a known key).
-UNSUPPORTED_MERGEKIT_KEYS = {"slices", "modules", "tokenizer", "chat_template"}
+TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+                  "tokenizer_source")
+MODEL_KEYS = ("model", "parameters")
+SLICE_KEYS = ("sources", "parameters", "base_model")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
+#: mergekit keys SimMerge refuses, with the nearest supported form (named in the one-line error).
+REFUSED_KEYS = {
+    "modules": "use 'slices' or 'models' (SimMerge merges single-module models)",
+    "tokenizer": "use 'tokenizer_source: base | union | <model path>' (no per-token embedding settings)",
+    "chat_template": "the tokenizer_source's chat template is copied; edit tokenizer_config.json after merging",
+    "residual_weight": "remove it (mergekit reads it from no merge method either)",
+}
+#: mergekit methods SimMerge does not implement (named as such in the error).
+MERGEKIT_ONLY_METHODS = ("multislerp", "karcher", "sce", "arcee_fusion", "nearswap", "ram", "ramplus_tl")
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -46,10 +73,36 @@ class RecipeError(ValueError):
 
 @dataclass
 class ModelSpec:
-    """One input model of a recipe and its own parameters."""
+    """One input model of a recipe (or one source of a slice) and its own parameters; ``layer_range`` is the
+    half-open range of its decoder layers it contributes (None: all of them)."""
 
     model: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    layer_range: tuple[int, int] | None = None
+
+
+@dataclass
+class SliceSpec:
+    """One output slice: layers taken from each source's ``layer_range`` (all of equal length) and merged."""
+
+    sources: list[ModelSpec]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    base_model: str | None = None
+
+    @property
+    def length(self) -> int:
+        lo, hi = self.sources[0].layer_range or (0, 0)
+        return hi - lo
+
+
+@dataclass
+class SliceInputs:
+    """A slice as the operator sees it: its inputs besides the base, the base (or None) and its parameters."""
+
+    inputs: list[ModelSpec]
+    base: ModelSpec | None
+    parameters: dict[str, Any]
+    length: int
 
 
 @dataclass
@@ -57,7 +110,7 @@ class Recipe:
     """A parsed, validated merge recipe (see the module docstring for the schema)."""
 
     merge_method: str
-    models: list[ModelSpec]
+    models: list[ModelSpec] = field(default_factory=list)
     base_model: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None
@@ -66,6 +119,7 @@ class Recipe:
     #: Folder that relative model paths are relative to (the recipe file's folder); None = current directory.
     root: Path | None = None
     source: str = "<recipe>"
+    slices: list[SliceSpec] | None = None
 
     # --- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -91,77 +145,103 @@ class Recipe:
         """Validate a recipe given as a dict (mergekit's schema)."""
         if not isinstance(data, Mapping):
             raise RecipeError(f"{source}: a recipe must be a mapping, got {type(data).__name__}")
-        unknown = set(data) - TOP_LEVEL_KEYS
-        if unknown & UNSUPPORTED_MERGEKIT_KEYS:
-            raise RecipeError(f"{source}: mergekit key(s) {sorted(unknown & UNSUPPORTED_MERGEKIT_KEYS)} are not "
-                              f"supported by simmerge (use 'models' with per-model parameters)")
-        if unknown:
-            raise RecipeError(f"{source}: unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_LEVEL_KEYS)}")
+        _check_keys(data, TOP_LEVEL_KEYS, source, "")
         if "merge_method" not in data:
             raise RecipeError(f"{source}: missing 'merge_method'")
-        raw_models = data.get("models")
-        if not isinstance(raw_models, list) or not raw_models:
-            raise RecipeError(f"{source}: 'models' must be a non-empty list")
-        models = []
-        for i, entry in enumerate(raw_models):
-            if isinstance(entry, str):
-                entry = {"model": entry}
-            if not isinstance(entry, Mapping) or "model" not in entry:
-                raise RecipeError(f"{source}: models[{i}] must be a mapping with a 'model' key")
-            extra = set(entry) - {"model", "parameters"}
-            if extra:
-                raise RecipeError(f"{source}: models[{i}] has unknown key(s) {sorted(extra)}")
-            params = entry.get("parameters") or {}
-            if not isinstance(params, Mapping):
-                raise RecipeError(f"{source}: models[{i}].parameters must be a mapping")
-            models.append(ModelSpec(model=str(entry["model"]), parameters=dict(params)))
+        has_models, has_slices = data.get("models") is not None, data.get("slices") is not None
+        if has_models and has_slices and data["slices"] == []:
+            has_slices = False  # mergekit reads an empty list as absent
+        if has_models == has_slices:
+            raise RecipeError(f"{source}: give exactly one of 'models' and 'slices'")
+        models, slices = [], None
+        if has_models:
+            raw = data["models"]
+            if not isinstance(raw, list) or not raw:
+                raise RecipeError(f"{source}: 'models' must be a non-empty list")
+            models = [_model_spec(entry, f"{source}: models[{i}]", MODEL_KEYS) for i, entry in enumerate(raw)]
+        else:
+            raw = data["slices"]
+            if not isinstance(raw, list) or not raw:
+                raise RecipeError(f"{source}: 'slices' must be a non-empty list")
+            slices = [_slice_spec(entry, f"{source}: slices[{i}]") for i, entry in enumerate(raw)]
         params = data.get("parameters") or {}
         if not isinstance(params, Mapping):
             raise RecipeError(f"{source}: 'parameters' must be a mapping")
+        tok = data.get("tokenizer_source")
         recipe = cls(merge_method=str(data["merge_method"]), models=models,
                      base_model=None if data.get("base_model") is None else str(data["base_model"]),
                      parameters=dict(params), dtype=data.get("dtype"), out_dtype=data.get("out_dtype"),
-                     tokenizer_source=data.get("tokenizer_source"),
-                     root=Path(root) if root is not None else None, source=source)
+                     tokenizer_source=None if tok is None else str(tok),
+                     root=Path(root) if root is not None else None, source=source, slices=slices)
         recipe.validate()
         return recipe
 
     # --- validation ---------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Check method, parameter names and shapes, dtypes and the number of models."""
+        """Check method, parameter names, scopes and shapes, dtypes, slices and the number of models."""
         src = self.source
-        try:
-            op = get_operator(self.merge_method)
-        except ValueError as exc:
-            raise RecipeError(f"{src}: {exc}") from None
+        op = self.operator()
         for key in ("dtype", "out_dtype"):
             value = getattr(self, key)
             if value is not None and value not in DTYPES:
                 raise RecipeError(f"{src}: {key} {value!r} not supported (one of {sorted(DTYPES)})")
-        if self.tokenizer_source == "union":
-            raise RecipeError(f"{src}: tokenizer_source 'union' is not supported (use 'base' or a model path)")
-        allowed_global = set(op.global_params) | set(op.model_params)
-        for key, setting in self.parameters.items():
-            if key not in allowed_global:
-                raise RecipeError(f"{src}: parameter {key!r} is not used by {self.merge_method} "
-                                  f"(it takes {sorted(allowed_global)})")
-            _check_setting(setting, f"{src}: parameters.{key}")
+        per_model = {p.name for p in op.params if p.per_model}
+        everything = {p.name for p in op.params}
+        _check_params(self.parameters, everything, op, f"{src}: parameters", "global")
         for i, spec in enumerate(self.models):
-            for key, setting in spec.parameters.items():
-                if key not in op.model_params:
-                    where = "a global parameter" if key in op.global_params else "not used"
-                    raise RecipeError(f"{src}: models[{i}].parameters.{key}: {where} for {self.merge_method} "
-                                      f"(per-model parameters: {sorted(op.model_params) or 'none'})")
-                _check_setting(setting, f"{src}: models[{i}].parameters.{key}")
-        for key, default in op.global_params.items():
-            if default is None and key not in self.parameters:
-                raise RecipeError(f"{src}: {self.merge_method} needs the global parameter {key!r}")
-        if op.needs_base and self.base_model is None:
-            raise RecipeError(f"{src}: {self.merge_method} needs a base_model")
-        n = len(self.merge_inputs()[0])
-        if n < op.min_models or (op.max_models is not None and n > op.max_models):
-            want = f"exactly {op.min_models}" if op.min_models == op.max_models else f"at least {op.min_models}"
-            raise RecipeError(f"{src}: {self.merge_method} needs {want} model(s) besides the base, got {n}")
+            _check_params(spec.parameters, per_model, op, f"{src}: models[{i}].parameters", "model")
+        for i, sl in enumerate(self.slices or []):
+            _check_params(sl.parameters, everything, op, f"{src}: slices[{i}].parameters", "global")
+            for j, spec in enumerate(sl.sources):
+                _check_params(spec.parameters, per_model, op, f"{src}: slices[{i}].sources[{j}].parameters",
+                              "model")
+        for p in op.params:
+            if p.required and not p.per_model and p.name not in self.parameters:
+                if self.slices is None or not all(p.name in sl.parameters for sl in self.slices):
+                    raise RecipeError(f"{src}: {self.merge_method} needs the global parameter {p.name!r}")
+        for where, inputs, base in self._groups():
+            if op.needs_base and base is None:
+                hint = (f"add base_model {self._base_of(where)!r} to its sources" if self.slices is not None
+                        and self._base_of(where) else "set base_model")
+                raise RecipeError(f"{src}: {self.merge_method} needs a base_model{where} ({hint})")
+            if not op.count_ok(len(inputs)):
+                raise RecipeError(f"{src}: {self.merge_method} needs {op.count_text()} model(s) besides the base"
+                                  f"{where}, got {len(inputs)}")
+        self._check_scalar_settings(op)
+
+    def _groups(self) -> list[tuple[str, list[ModelSpec], ModelSpec | None]]:
+        if self.slices is None:
+            inputs, base = self.merge_inputs()
+            return [("", inputs, base)]
+        return [(f" (slices[{i}])", s.inputs, s.base) for i, s in enumerate(self._slice_inputs())]
+
+    def _base_of(self, where: str) -> str | None:
+        if not where or self.slices is None:
+            return self.base_model
+        i = int(where.split("[")[1].split("]")[0])
+        return self.slices[i].base_model or self.base_model
+
+    def _check_scalar_settings(self, op: Operator) -> None:
+        """Operator-specific limits that scalar settings already break (DELLA's 0 < density +- epsilon < 1)."""
+        if "epsilon" not in {p.name for p in op.params}:
+            return
+        glob = {k: v for k, v in self.parameters.items() if isinstance(v, (int, float))}
+        specs = self.models + [s for sl in (self.slices or []) for s in sl.sources]
+        for spec in specs:
+            values = {**glob, **{k: v for k, v in spec.parameters.items() if isinstance(v, (int, float))}}
+            d, e = float(values.get("density", 1.0)), float(values.get("epsilon", 0.15))
+            if d < 1 and not (0 < d - e and d + e < 1):
+                raise RecipeError(f"{self.source}: {spec.model}: {self.merge_method} needs 0 < density +- epsilon "
+                                  f"< 1, got density {d} and epsilon {e}")
+
+    def operator(self) -> Operator:
+        """The recipe's operator (a one-line :class:`RecipeError` for an unknown method)."""
+        try:
+            return get_operator(self.merge_method)
+        except ValueError as exc:
+            note = " (a mergekit method SimMerge does not implement)" if self.merge_method in MERGEKIT_ONLY_METHODS \
+                else ""
+            raise RecipeError(f"{self.source}: {exc}{note}") from None
 
     # --- derived views ------------------------------------------------------------------------------------
     def resolve_path(self, model: str) -> Path:
@@ -172,37 +252,84 @@ class Recipe:
         return path
 
     def merge_inputs(self) -> tuple[list[ModelSpec], ModelSpec | None]:
-        """(inputs besides the base, base) as the operators see them, following mergekit: the base listed among
-        ``models`` is the base, not an input (except for linear, where every listed model is averaged, and a
-        base_model that is not listed joins the average with the global parameters)."""
+        """(inputs besides the base, base) of a ``models`` recipe as the operators see them, following mergekit: a
+        base listed among ``models`` is the base, not an input; a base_model that is not listed is added as a
+        source (so for linear, which has no base, it joins the average with the global parameters)."""
+        if self.slices is not None:
+            raise RecipeError(f"{self.source}: the recipe uses slices; see Recipe.slice_inputs()")
         op = get_operator(self.merge_method)
         base_spec = None
         if self.base_model is not None:
             listed = [m for m in self.models if m.model == self.base_model]
             base_spec = listed[0] if listed else ModelSpec(self.base_model)
-        if not op.needs_base:
+        if not op.accepts_base:
             inputs = list(self.models)
             if base_spec is not None and base_spec not in inputs:
                 inputs.append(base_spec)
             return inputs, None
         return [m for m in self.models if m.model != self.base_model], base_spec
 
+    def _slice_inputs(self) -> list[SliceInputs]:
+        op = get_operator(self.merge_method)
+        out = []
+        for sl in self.slices or []:
+            base_name = sl.base_model or self.base_model
+            base = next((s for s in sl.sources if s.model == base_name), None) if op.accepts_base else None
+            inputs = [s for s in sl.sources if s is not base]
+            out.append(SliceInputs(inputs, base, dict(sl.parameters), sl.length))
+        return out
+
+    def slice_inputs(self, layer_count: Mapping[str, int] | None = None) -> list[SliceInputs]:
+        """The recipe as output slices (a ``models`` recipe is one slice over all layers): each slice's inputs
+        besides the base, its base and its parameters. ``layer_count`` maps a model (as written) to its number of
+        decoder layers, needed for a ``models`` recipe (whose models must then all have the same count)."""
+        if self.slices is not None:
+            return self._slice_inputs()
+        inputs, base = self.merge_inputs()
+        models = inputs + ([base] if base is not None else [])
+        counts = {m.model: (layer_count or {}).get(m.model, 0) for m in models}
+        if len(set(counts.values())) > 1:
+            raise RecipeError(f"{self.source}: the models have different numbers of layers {counts}; use slices "
+                              f"with layer_range to choose which layers to merge")
+        n = next(iter(counts.values()))
+        ranged = {id(m): ModelSpec(m.model, dict(m.parameters), (0, n)) for m in models}
+        return [SliceInputs([ranged[id(m)] for m in inputs], ranged[id(base)] if base is not None else None, {}, n)]
+
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype the merge is computed in (``dtype``); None: each tensor's inputs' own (promoted) dtype."""
+        return DTYPES[self.dtype] if self.dtype else None
+
     def output_dtype(self) -> torch.dtype | None:
-        """The dtype written (out_dtype, else dtype); None keeps each tensor's input dtype."""
+        """The dtype written (``out_dtype``, else ``dtype``); None keeps each tensor's compute dtype."""
         name = self.out_dtype or self.dtype
         return DTYPES[name] if name else None
 
+    def reference_model(self) -> str:
+        """The model whose config (and, by default, tokenizer) the output takes: the base, else the first input."""
+        if self.base_model is not None:
+            return self.base_model
+        return self.models[0].model if self.slices is None else self.slices[0].sources[0].model
+
     def tokenizer_folder(self) -> Path:
-        """Where the tokenizer (and config) files are copied from."""
+        """Where the tokenizer files are copied from (``tokenizer_source`` a model path, else the reference)."""
         src = self.tokenizer_source
-        if src in (None, "base"):
-            return self.resolve_path(self.base_model or self.models[0].model)
+        if src in (None, "base", "union"):
+            return self.resolve_path(self.reference_model())
         return self.resolve_path(src)
+
+    def model_names(self) -> list[str]:
+        """Every model the recipe names (as written, first appearance first), the tokenizer source included."""
+        names = [m.model for m in self.models]
+        for sl in self.slices or []:
+            names += [s.model for s in sl.sources] + ([sl.base_model] if sl.base_model else [])
+        names += [self.base_model] if self.base_model else []
+        if self.tokenizer_source not in (None, "base", "union"):
+            names.append(self.tokenizer_source)
+        return list(dict.fromkeys(names))
 
     def folders(self) -> list[Path]:
         """Every input folder the recipe reads."""
-        names = [m.model for m in self.models] + ([self.base_model] if self.base_model else [])
-        return [self.resolve_path(n) for n in dict.fromkeys(names)]
+        return [self.resolve_path(n) for n in self.model_names()]
 
     # --- serialization ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -210,8 +337,12 @@ class Recipe:
         out: dict[str, Any] = {"merge_method": self.merge_method}
         if self.base_model is not None:
             out["base_model"] = self.base_model
-        out["models"] = [{"model": m.model, **({"parameters": m.parameters} if m.parameters else {})}
-                         for m in self.models]
+        if self.slices is None:
+            out["models"] = [_spec_dict(m) for m in self.models]
+        else:
+            out["slices"] = [{"sources": [_spec_dict(s) for s in sl.sources],
+                              **({"parameters": sl.parameters} if sl.parameters else {}),
+                              **({"base_model": sl.base_model} if sl.base_model else {})} for sl in self.slices]
         if self.parameters:
             out["parameters"] = self.parameters
         for key in ("dtype", "out_dtype", "tokenizer_source"):
@@ -231,12 +362,98 @@ class Recipe:
         def fix(p: str) -> str:
             return str(self.resolve_path(p).resolve())
 
+        def fix_spec(m: ModelSpec) -> ModelSpec:
+            return ModelSpec(fix(m.model), dict(m.parameters), m.layer_range)
+
         tok = self.tokenizer_source
-        return Recipe(merge_method=self.merge_method,
-                      models=[ModelSpec(fix(m.model), dict(m.parameters)) for m in self.models],
+        slices = None if self.slices is None else [
+            SliceSpec([fix_spec(s) for s in sl.sources], dict(sl.parameters),
+                      fix(sl.base_model) if sl.base_model else None) for sl in self.slices]
+        return Recipe(merge_method=self.merge_method, models=[fix_spec(m) for m in self.models],
                       base_model=fix(self.base_model) if self.base_model else None,
                       parameters=dict(self.parameters), dtype=self.dtype, out_dtype=self.out_dtype,
-                      tokenizer_source=tok if tok in (None, "base") else fix(tok), root=None, source=self.source)
+                      tokenizer_source=tok if tok in (None, "base", "union") else fix(tok), root=None,
+                      source=self.source, slices=slices)
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+def _nearest(key: str, allowed: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(key), list(allowed), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(allowed)}"
+
+
+def _check_keys(data: Mapping[str, Any], allowed: Sequence[str], source: str, where: str) -> None:
+    for key in data:
+        if key in allowed:
+            continue
+        if key in REFUSED_KEYS:
+            raise RecipeError(f"{source}: {where}{key!r} is not supported by simmerge: {REFUSED_KEYS[key]}")
+        raise RecipeError(f"{source}: {where}unknown key {key!r} ({_nearest(key, allowed)})")
+
+
+def _spec_dict(m: ModelSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": m.model}
+    if m.layer_range is not None:
+        out["layer_range"] = list(m.layer_range)
+    if m.parameters:
+        out["parameters"] = m.parameters
+    return out
+
+
+def _model_spec(entry: Any, where: str, keys: Sequence[str]) -> ModelSpec:
+    if isinstance(entry, str) and "layer_range" not in keys:
+        entry = {"model": entry}
+    if not isinstance(entry, Mapping) or "model" not in entry:
+        raise RecipeError(f"{where} must be a mapping with a 'model' key")
+    source, _, label = where.rpartition(": ")
+    _check_keys(entry, keys, source, f"{label}: ")
+    params = entry.get("parameters") or {}
+    if not isinstance(params, Mapping):
+        raise RecipeError(f"{where}.parameters must be a mapping")
+    layer_range = None
+    if "layer_range" in keys:
+        raw = entry.get("layer_range")
+        if (not isinstance(raw, (list, tuple)) or len(raw) != 2 or not all(isinstance(v, int) for v in raw)
+                or not 0 <= raw[0] < raw[1]):
+            raise RecipeError(f"{where}.layer_range must be [start, end) with 0 <= start < end, got {raw!r}")
+        layer_range = (int(raw[0]), int(raw[1]))
+    return ModelSpec(model=str(entry["model"]), parameters=dict(params), layer_range=layer_range)
+
+
+def _slice_spec(entry: Any, where: str) -> SliceSpec:
+    if not isinstance(entry, Mapping):
+        raise RecipeError(f"{where} must be a mapping with 'sources'")
+    source, _, label = where.rpartition(": ")
+    _check_keys(entry, SLICE_KEYS, source, f"{label}: ")
+    raw = entry.get("sources")
+    if not isinstance(raw, list) or not raw:
+        raise RecipeError(f"{where}.sources must be a non-empty list")
+    sources = [_model_spec(s, f"{where}.sources[{j}]", SOURCE_KEYS) for j, s in enumerate(raw)]
+    lengths = {s.layer_range[1] - s.layer_range[0] for s in sources if s.layer_range}
+    if len(lengths) > 1:
+        raise RecipeError(f"{where}: every source must span the same number of layers, got "
+                          f"{[list(s.layer_range or ()) for s in sources]}")
+    names = [s.model for s in sources]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"{where}: a model is listed twice among the sources")
+    params = entry.get("parameters") or {}
+    if not isinstance(params, Mapping):
+        raise RecipeError(f"{where}.parameters must be a mapping")
+    base = entry.get("base_model")
+    return SliceSpec(sources, dict(params), None if base is None else str(base))
+
+
+def _check_params(params: Mapping[str, Any], allowed: set[str], op: Operator, where: str, scope: str) -> None:
+    everything = [p.name for p in op.params]
+    for key, setting in params.items():
+        if key not in allowed:
+            if key in everything:  # a global parameter given per model
+                raise RecipeError(f"{where}.{key}: a global parameter for {op.name} (set it under 'parameters'; "
+                                  f"per-model parameters: {', '.join(sorted(allowed)) or 'none'})")
+            hint = _nearest(key, everything) if everything else "it takes none"
+            raise RecipeError(f"{where}: parameter {key!r} is not used by {op.name} ({hint}; it takes "
+                              f"{', '.join(everything) or 'none'})")
+        _check_setting(setting, f"{where}.{key}")
 
 
 def _check_setting(setting: Any, where: str) -> None:

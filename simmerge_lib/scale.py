@@ -42,7 +42,7 @@ import torch
 
 from . import engine
 from .checkpoint import INDEX_FILE, CheckpointError, atomic_folder, write_json_atomic
-from .operators import get_operator, layer_index, layer_t, merge_tensor
+from .operators import get_operator, layer_index
 from .paths import DATA_DIR, build_path
 from .recipe import DTYPES, Recipe
 
@@ -521,44 +521,39 @@ class _SafetensorsFolder:
         self._stack.close()
 
 
-def compare_with_in_memory(recipe: Recipe, out: str | os.PathLike[str], progress: bool = False) -> dict[str, Any]:
+def compare_with_in_memory(recipe: Recipe, out: str | os.PathLike[str], progress: bool = False,
+                           compute_dtype: str | None = None) -> dict[str, Any]:
     """Compare a merged folder with the operator applied to whole tensors loaded with ``safetensors`` (not the
     engine's reader), one tensor at a time so that full-width layers fit in memory."""
     from tqdm.auto import tqdm
 
-    specs, base_spec = recipe.merge_inputs()
-    op = get_operator(recipe.merge_method)
-    out_dtype = recipe.output_dtype()
-    readers: list[_SafetensorsFolder] = []
+    plan = engine.plan_merge(recipe, "1TB", compute_dtype)
+    readers: dict[Path, _SafetensorsFolder] = {}
     try:
-        inputs = [_SafetensorsFolder(recipe.resolve_path(s.model)) for s in specs]
-        readers += inputs
-        base = _SafetensorsFolder(recipe.resolve_path(base_spec.model)) if base_spec is not None else None
-        readers += [base] if base is not None else []
+        for folder in plan.inputs:
+            readers[folder] = _SafetensorsFolder(folder)
+        by_path = {info.path: folder for folder, m in plan.inputs.items() for info in m.tensors.values()}
         merged = _SafetensorsFolder(Path(out))
-        readers.append(merged)
-        reference = base or inputs[0]
-        layer_count = engine.plan_merge(recipe, "1TB").layer_count
+        readers[Path(out)] = merged
+
+        def load(info: engine.TensorInfo, name: str) -> torch.Tensor:
+            return readers[by_path[info.path]].get_stored(name).clone()
+
         unequal: list[str] = []
         max_abs = 0.0
-        names = reference.names()
-        for name in tqdm(names, desc="compare", disable=not progress):
+        tasks = plan.tasks
+        for task in tqdm(tasks, desc="compare", disable=not progress):
             with torch.no_grad():
-                work = [r.get(name) for r in inputs]
-                b = base.get(name) if (base is not None and op.needs_base) else None
-                expected = merge_tensor(op, name, work, b, [dict(s.parameters) for s in specs], recipe.parameters,
-                                        layer_t(name, layer_count))
-                expected = expected.to(out_dtype) if out_dtype is not None else expected
-                del work, b
-                got = merged.get_stored(name)
+                expected = engine.merge_task(plan, task, load)
+                got = merged.get_stored(task.name)
                 if not torch.equal(got, expected):
-                    unequal.append(name)
+                    unequal.append(task.name)
                     max_abs = max(max_abs, float((got.float() - expected.float()).abs().max()))
                 del got, expected
     finally:
-        for r in readers:
+        for r in readers.values():
             r.close()
-    return {"tensors": len(names), "unequal": unequal, "max_abs_diff": max_abs, "equal": not unequal}
+    return {"tensors": len(tasks), "unequal": unequal, "max_abs_diff": max_abs, "equal": not unequal}
 
 
 def files_identical(a: str | os.PathLike[str], b: str | os.PathLike[str], pattern: str = "*.safetensors") -> bool:
@@ -661,12 +656,13 @@ def assign_shards(sizes: Sequence[int], workers: int) -> list[list[int]]:
 
 
 def run_worker(recipe: Mapping[str, Any], out: str, shards: Sequence[int], fingerprint: str,
-               shard_size: str | int = "2GB", threads: int | None = None, device: str = "cpu") -> dict[str, Any]:
+               shard_size: str | int = "2GB", threads: int | None = None, device: str = "cpu",
+               compute_dtype: str | None = None) -> dict[str, Any]:
     """One worker: re-plan from the headers (cheap), check it matches the coordinator's plan, and write the
     given output shards into ``OUT.partial`` (each ``*.tmp`` renamed when complete). Returns bytes and seconds."""
     start = time.perf_counter()
     rec = Recipe.from_dict(dict(recipe), source="<worker>")
-    plan = engine.plan_merge(rec, shard_size)
+    plan = engine.plan_merge(rec, shard_size, compute_dtype)
     if plan.fingerprint != fingerprint:
         raise CheckpointError(f"{out}: worker's plan differs from the coordinator's (inputs changed?)")
     partial = Path(out).with_name(Path(out).name + ".partial")
@@ -681,13 +677,15 @@ def run_worker(recipe: Mapping[str, Any], out: str, shards: Sequence[int], finge
 
 def merge_distributed(recipe: Recipe, out: str | os.PathLike[str], workers: int = 2, backend: str = "process",
                       shard_size: str | int = "2GB", threads: int | None = 1, device: str = "cpu",
-                      resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
+                      resume: bool = False, force: bool = False, progress: bool = True,
+                      compute_dtype: str | None = None) -> dict[str, Any]:
     """Merge with the output shards spread over ``workers``: ``backend`` ``"process"`` (local processes),
     ``"ray"`` (Ray tasks: on a cluster ``OUT`` must be on a filesystem every node mounts) or ``"serial"``
     (the workers' code in this process, for debugging). The coordinator plans once, deals the shards
     (:func:`assign_shards`), waits, then writes the one index and the side files and renames ``OUT.partial``.
     Resume keeps the shards finished by an interrupted run, exactly as :func:`simmerge_lib.engine.merge`.
-    Returns a report: shards per worker, seconds per worker and in all, ``out``.
+    Returns a report: shards per worker, seconds per worker and in all, ``out``. ``compute_dtype``: as in
+    :func:`simmerge_lib.engine.merge`.
     """
     from tqdm.auto import tqdm
 
@@ -697,7 +695,7 @@ def merge_distributed(recipe: Recipe, out: str | os.PathLike[str], workers: int 
     if out.exists() and not force:
         raise FileExistsError(f"{out}: already exists (pass --force to overwrite)")
     start = time.perf_counter()
-    plan = engine.plan_merge(recipe, shard_size)
+    plan = engine.plan_merge(recipe, shard_size, compute_dtype)
     engine.check_output_location(out, plan)
     partial = out.with_name(out.name + ".partial")
     plan_file = partial / engine.PLAN_FILE
@@ -723,7 +721,7 @@ def merge_distributed(recipe: Recipe, out: str | os.PathLike[str], workers: int 
     reports: list[dict[str, Any]] = []
     with atomic_folder(out, force=force) as partial_dir:
         write_json_atomic(plan_file, {"fingerprint": plan.fingerprint})
-        args = [(rec, str(out), b, plan.fingerprint, shard_size, threads, device) for b in bins]
+        args = [(rec, str(out), b, plan.fingerprint, shard_size, threads, device, compute_dtype) for b in bins]
         bar = tqdm(total=len(bins), desc=f"workers ({backend})", disable=not progress)
         if backend == "serial":
             for a in args:
@@ -920,7 +918,8 @@ def _cmd_distributed(args: argparse.Namespace) -> int:
     recipe = Recipe.from_yaml(args.recipe)
     rep = merge_distributed(recipe, args.out, workers=args.workers, backend=args.backend,
                             shard_size=args.shard_size, threads=args.threads, device=args.device,
-                            resume=args.resume, force=args.force, progress=not args.quiet)
+                            resume=args.resume, force=args.force, progress=not args.quiet,
+                            compute_dtype=args.compute_dtype)
     print(rep["out"])
     return 0
 
@@ -956,6 +955,8 @@ def register(subparsers: Any) -> None:
     d.add_argument("--resume", action="store_true")
     d.add_argument("--force", action="store_true")
     d.add_argument("--quiet", action="store_true")
+    d.add_argument("--compute-dtype", choices=["float32"], default=None,
+                   help="compute in float32 whatever the recipe's dtype (see simmerge merge --help)")
     d.set_defaults(func=_cmd_distributed)
 
 

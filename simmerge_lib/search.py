@@ -56,13 +56,17 @@ import torch
 from torch import Tensor
 
 from .catalogue import Catalogue
-from .operators import layer_index, merge_state_dicts
+from .operators import get_operator, layer_index, merge_state_dicts, param_range
 from .recipe import Recipe
 
-#: Operators a layer-wise group may use (the labels chapter's grid operators).
+#: Operators a layer-wise group uses by default (the labels chapter's grid operators). Any registered task-vector
+#: operator with a per-model ``weight`` and a global ``lambda`` can be named too (breadcrumbs, della, ...).
 METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
-#: Ranges of the continuous parameters of a group.
-MIX_RANGE, LAMBDA_RANGE, DENSITY_RANGE, SCALE_RANGE = (0.0, 1.0), (0.3, 1.5), (0.1, 1.0), (0.5, 1.5)
+#: Ranges of the continuous parameters of a group: the registry's (a linear weight, TIES's lambda and density),
+#: and the depth scale of a stacked slice.
+MIX_RANGE, LAMBDA_RANGE, DENSITY_RANGE = (param_range("linear", "weight"), param_range("ties", "lambda"),
+                                          param_range("ties", "density"))
+SCALE_RANGE = (0.5, 1.5)
 #: Tensors scaled by a depth slice's ``scale``: the outputs of the residual branches.
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 SAMPLERS = ("random", "tpe", "nsga2", "qmc")
@@ -95,16 +99,18 @@ class GroupSetting:
         if self.method == "slerp":
             return {"merge_method": "slerp", "base_model": a, "models": [{"model": a}, {"model": b}],
                     "parameters": {"t": 1.0 - m}, "dtype": "float32"}
+        op = get_operator(self.method)
+        if not (op.needs_base and "weight" in op.model_params and "lambda" in op.global_params):
+            raise ValueError(f"layer-wise search: unsupported operator {self.method!r} (one of {METHODS}, or a "
+                             f"task-vector operator with weight and lambda)")
         wa, wb = 2.0 * m, 2.0 * (1.0 - m)
         pa: dict[str, Any] = {"weight": wa}
         pb: dict[str, Any] = {"weight": wb}
         glob: dict[str, Any] = {"lambda": lam}
-        if self.method in ("ties", "dare_linear", "dare_ties"):
+        if "density" in op.model_params:
             pa["density"], pb["density"] = dens, dens
-        if self.method in ("dare_linear", "dare_ties"):
+        if "seed" in op.global_params:
             glob["seed"] = int(seed)
-        if self.method not in ("task_arithmetic", "ties", "dare_linear", "dare_ties"):
-            raise ValueError(f"layer-wise search: unsupported operator {self.method!r} (one of {METHODS})")
         return {"merge_method": self.method, "base_model": base,
                 "models": [{"model": a, "parameters": pa}, {"model": b, "parameters": pb}],
                 "parameters": glob, "dtype": "float32"}

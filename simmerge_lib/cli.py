@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "features": ("simmerge_lib.features", "compute the pair features table of a catalogue"),
     "merge": ("simmerge_lib.engine", "merge checkpoints with a mergekit-format YAML recipe (streaming)"),
     "labels": ("simmerge_lib.labels", "merge expert pairs on an operator grid and score them (labels table)"),
-    "recommend": ("simmerge_lib.predictor", "rank merge operators for two experts by predicted quality"),
+    "recommend": ("simmerge_lib.predictor", "rank merge candidates for two experts by predicted quality"),
     "plan-merge": ("simmerge_lib.scale", "what a merge of checkpoints of one config costs (no weights)"),
     "merge-distributed": ("simmerge_lib.scale", "merge with output shards spread over workers"),
     "bandit": ("simmerge_lib.bandit", "replay a profile's labels through contextual bandits (regret summary)"),

@@ -11,8 +11,8 @@ symmetric in the two experts (linear weight 0.5, SLERP t = 0.5, and operators th
 weight), and pairs are canonical, so no result and no policy built on the table (best fixed, a predictor) can win by
 favouring whichever model the catalogue lists first. :func:`check_order_free` enforces it for any grid. A job's key is the
 SHA-256 (16 hex digits) of the canonical recipe: method, ordered model names with their parameters, base, global
-parameters, seed, ``n_eval``, evaluator, the evaluated tasks and the catalogue's recipe hash, so any change of a
-field makes a new job and a rerun does only the jobs whose key is not in the table yet.
+parameters, seed, ``n_eval``, evaluator, the evaluated tasks, the catalogue's recipe hash and :data:`LABELS_FORMAT`,
+so any change of a field makes a new job and a rerun does only the jobs whose key is not in the table yet.
 
 How a setting becomes a mergekit recipe (the ``recipe`` column; model paths as in ``catalogue.json``, relative to
 the catalogue folder):
@@ -106,28 +106,27 @@ import torch
 import yaml
 
 from .catalogue import Catalogue
-from .operators import get_operator
+from .operators import default_grid, get_operator
 from .paths import build_path
 
 #: Column order of the labels table (see the module docstring).
 LABEL_COLUMNS = ["job_key", "a", "b", "base_a", "base_b", "same_base", "method", "setting", "parameters", "task",
                  "parent_task", "score", "norm_score", "norm_even", "norm_odd", "char_score", "seed", "n_eval",
                  "seconds", "versions", "recipe"]
+#: Part of every job key: bump it when the operators' or the scoring's results change, so a table collected with
+#: the old code is collected again instead of mixing two semantics (2: one-pass scoring, DARE / TIES of the registry).
+LABELS_FORMAT = 2
 #: Columns added after the first tables were written: read as NaN from an older table.
 _LATER_COLUMNS = ("norm_even", "norm_odd", "char_score")
 #: Columns of the reference (expert) table stored beside the labels.
 REFERENCE_COLUMNS = ["ref_key", "model", "base", "task", "own_task", "score", "n_eval", "seconds"]
 
-#: The grid: per operator, the order-free settings tried on every pair (global or per-model parameters).
-DEFAULT_GRID: dict[str, list[dict[str, float]]] = {
-    "linear": [{"weight": 0.5}],
-    "slerp": [{"t": 0.5}],
-    # lambda 0.5 equals linear weight=0.5 exactly on same-base pairs (a guaranteed tie), so it is left out.
-    "task_arithmetic": [{"lambda": 0.8}, {"lambda": 1.0}],
-    "ties": [{"density": 0.2}, {"density": 0.5}],
-    "dare_linear": [{"density": 0.5}],
-    "dare_ties": [{"density": 0.5}],
-}
+#: The operators of the label grid; their settings come from the operator registry (each entry's default grid),
+#: so registering an operator with a grid and naming it here puts it in every chapter's candidates.
+LABEL_OPERATORS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+#: The grid: per operator, the order-free settings tried on every pair (global or per-model parameters). Task
+#: arithmetic at lambda 0.5 would equal linear weight 0.5 exactly on same-base pairs, so its grid starts at 0.8.
+DEFAULT_GRID: dict[str, list[dict[str, float]]] = default_grid(LABEL_OPERATORS)
 #: One setting per operator: the notebook's smoke profile and quick tests.
 SMOKE_GRID: dict[str, list[dict[str, float]]] = {
     "linear": [{"weight": 0.5}], "slerp": [{"t": 0.5}], "task_arithmetic": [{"lambda": 1.0}],
@@ -280,7 +279,7 @@ def make_job(catalogue: Catalogue, a: str, b: str, method: str, setting: Mapping
     if missing:
         raise ValueError(f"labels: evaluated tasks {list(tasks)} miss the parents' task(s) {sorted(missing)}")
     key = _digest({"recipe": recipe, "seed": int(seed), "n_eval": int(n_eval), "evaluator": catalogue.evaluator,
-                   "tasks": list(tasks), "catalogue": catalogue_hash(catalogue)})
+                   "tasks": list(tasks), "catalogue": catalogue_hash(catalogue), "format": LABELS_FORMAT})
     return Job(key, a, b, ea.base or "", eb.base or "", method, setting_label(setting), dict(setting), recipe,
                tasks, parents, int(seed), int(n_eval), catalogue.evaluator)
 
@@ -615,7 +614,7 @@ def _reference_jobs(catalogue: Catalogue, jobs: Sequence[Job]) -> list[Job]:
     for name, n_eval in needed:
         recipe = {"merge_method": "expert", "models": [{"model": name}]}
         key = _digest({"recipe": recipe, "n_eval": n_eval, "evaluator": catalogue.evaluator, "tasks": list(tasks),
-                       "catalogue": catalogue_hash(catalogue)})
+                       "catalogue": catalogue_hash(catalogue), "format": LABELS_FORMAT})
         entry = catalogue.entry(name)
         out.append(Job(key, name, name, entry.base or "", entry.base or "", "expert", "", {}, recipe, tasks,
                        tuple(entry.tasks), 0, n_eval, catalogue.evaluator))

@@ -614,7 +614,7 @@ def nuslerp(tensors: list[Tensor], base: Tensor | None, params: list[Params], g:
 
 
 @operator("task_arithmetic", base="required", params=[_weight(), _LAMBDA, _normalize(False), _INT8_MASK],
-          traits=("task_vector",), grid=[{"lambda": 0.7}, {"lambda": 1.0}],
+          traits=("task_vector",), grid=[{"lambda": 0.8}, {"lambda": 1.0}],
           reference="https://arxiv.org/abs/2212.04089")
 def task_arithmetic(tensors: list[Tensor], base: Tensor | None, params: list[Params], g: Params, name: str,
                     dtype: torch.dtype | None = None) -> Tensor:
@@ -643,7 +643,7 @@ _DARE_PARAMS = [_weight(), _DENSITY, _LAMBDA, _normalize(False),
 
 
 @operator("dare_linear", base="required", params=_DARE_PARAMS, traits=("task_vector", "drop"),
-          grid=[{"density": 0.2}, {"density": 0.5}], reference="https://arxiv.org/abs/2311.03099")
+          grid=[{"density": 0.5}], reference="https://arxiv.org/abs/2311.03099")
 def dare_linear(tensors: list[Tensor], base: Tensor | None, params: list[Params], g: Params, name: str,
                 dtype: torch.dtype | None = None) -> Tensor:
     """DARE + task arithmetic: drop each entry of tau_i with p = 1 - density, rescale survivors by 1/(1-p)
@@ -654,7 +654,7 @@ def dare_linear(tensors: list[Tensor], base: Tensor | None, params: list[Params]
 
 
 @operator("dare_ties", base="required", params=_DARE_PARAMS, traits=("task_vector", "drop", "sign_elect"),
-          grid=[{"density": 0.2}, {"density": 0.5}], reference="https://arxiv.org/abs/2311.03099")
+          grid=[{"density": 0.5}], reference="https://arxiv.org/abs/2311.03099")
 def dare_ties(tensors: list[Tensor], base: Tensor | None, params: list[Params], g: Params, name: str,
               dtype: torch.dtype | None = None) -> Tensor:
     """DARE + TIES: tau_i' = m_i * tau_i / (1-p) with m_i ~ Bernoulli(1-p) (as in dare_linear), d_i = w_i tau_i';

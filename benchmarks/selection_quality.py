@@ -45,7 +45,7 @@ def _protocols(table: Any, n_boot: int, seed: int) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for scheme, tag in (("task", "loto"), ("expert", "loeo")):
-        result = P.nested_evaluation(table, scheme, n_boot=n_boot, seed=seed, progress=False)
+        result = P.nested_evaluation(table, scheme, n_boot=n_boot, seed=seed, progress=False, cache=True)
         m, ci = result["metrics"], result["ci"]
         baselines = {"simmerge": m["quality_simmerge"], **{b: m.get(f"quality_{b}") for b in P.BASELINES},
                      "owner_rule": None}

@@ -46,6 +46,7 @@ against :data:`TRUSTED_TYPES` and refuses anything else (no arbitrary pickle cod
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import tempfile
@@ -68,6 +69,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from .checkpoint import atomic_folder, write_json_atomic
 from .features import DESCRIPTOR_COLUMNS, FEATURE_COLUMNS
 from .paths import build_path
 
@@ -639,15 +641,67 @@ def _nested_split(table: pd.DataFrame, split: Split, scheme: str, families: Sequ
 
 def nested_evaluation(table: pd.DataFrame, scheme: str = "task", families: Sequence[str] = ("ridge", "forest"),
                       feature_sets: Sequence[str] = ("all",), margins: Sequence[float] = MARGINS, seed: int = 0,
-                      n_boot: int = 1000, progress: bool = True, workers: int | None = None) -> dict[str, Any]:
+                      n_boot: int = 1000, progress: bool = True, workers: int | None = None,
+                      cache: bool = False) -> dict[str, Any]:
     """Held-out evaluation with every choice nested: for each outer split (``scheme``: ``"task"`` =
     leave-one-task-out, ``"expert"`` = leave-one-expert-out with siblings), the family, feature set and margin are
     chosen by grouped cross-validation on the split's training pairs only, then the predictor is refit there and
     scored on the held-out pairs (splits run in ``workers`` processes, default one per core; the result does not
     depend on it). Returns records, candidates, choices, metrics and cluster-bootstrap intervals (clusters = the
-    held-out groups) of SimMerge's and every baseline's gap closure."""
+    held-out groups) of SimMerge's and every baseline's gap closure.
+
+    With ``cache``, the result is kept in ``build/predictor/nested/<key>/`` (parquet + JSON), ``key`` hashing the
+    table's content, every argument that changes the result and :data:`PREDICTOR_FORMAT` (bump it when the
+    predictor's code changes what it computes): chapter 04 and ``benchmarks/selection_quality.py`` then share one
+    computation, which takes minutes on the default profile."""
     if scheme not in ("task", "expert"):
         raise ValueError(f"scheme must be 'task' or 'expert', got {scheme!r}")
+    folder = None
+    if cache:
+        folder = _nested_cache_dir(table, scheme, families, feature_sets, margins, seed, n_boot)
+        cached = _read_nested(folder)
+        if cached is not None:
+            return cached
+    result = _nested_evaluation(table, scheme, families, feature_sets, margins, seed, n_boot, progress, workers)
+    if folder is not None:
+        _write_nested(folder, result)
+    return result
+
+
+def _nested_cache_dir(table: pd.DataFrame, scheme: str, families: Sequence[str], feature_sets: Sequence[str],
+                      margins: Sequence[float], seed: int, n_boot: int) -> Path:
+    digest = hashlib.sha256(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
+    digest.update(json.dumps([list(table.columns), scheme, list(families), list(feature_sets),
+                              [float(m) for m in margins], seed, n_boot, PREDICTOR_FORMAT]).encode())
+    return build_path("predictor", "nested", f"{scheme}-{digest.hexdigest()[:16]}")
+
+
+_NESTED_FRAMES = ("records", "candidates", "choices")
+
+
+def _read_nested(folder: Path) -> dict[str, Any] | None:
+    try:
+        out: dict[str, Any] = {name: pd.read_parquet(folder / f"{name}.parquet") for name in _NESTED_FRAMES}
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):  # absent or unreadable: compute again
+        return None
+    out["metrics"] = summary["metrics"]
+    out["ci"] = {k: tuple(v) for k, v in summary["ci"].items()}
+    return out
+
+
+def _write_nested(folder: Path, result: Mapping[str, Any]) -> None:
+    with atomic_folder(folder, force=True) as partial:
+        for name in _NESTED_FRAMES:
+            result[name].to_parquet(partial / f"{name}.parquet", index=False)
+        write_json_atomic(partial / "summary.json", {
+            "metrics": {k: float(v) for k, v in result["metrics"].items()},
+            "ci": {k: [float(x) for x in v] for k, v in result["ci"].items()}})
+
+
+def _nested_evaluation(table: pd.DataFrame, scheme: str, families: Sequence[str], feature_sets: Sequence[str],
+                       margins: Sequence[float], seed: int, n_boot: int, progress: bool, workers: int | None
+                       ) -> dict[str, Any]:
     from joblib import Parallel, delayed
 
     splits = leave_one_task_out(table) if scheme == "task" else leave_one_expert_out(table)

@@ -110,6 +110,26 @@ def test_predictor_recovers_the_planted_rule_on_unseen_tasks_and_experts(synth):
         assert m["spearman"] > 0.6
 
 
+def test_nested_evaluation_is_cached_by_content(synth, tmp_path, monkeypatch):
+    monkeypatch.setenv("SIMMERGE_BUILD", str(tmp_path))
+    first = P.nested_evaluation(synth, "task", n_boot=50, progress=False, workers=1, cache=True)
+    assert len(list((tmp_path / "predictor" / "nested").iterdir())) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("computed again although the cache holds this table's result")
+
+    monkeypatch.setattr(P, "_nested_evaluation", refuse)
+    again = P.nested_evaluation(synth, "task", n_boot=50, progress=False, workers=1, cache=True)
+    pd.testing.assert_frame_equal(first["records"], again["records"])
+    assert again["metrics"] == pytest.approx(first["metrics"], nan_ok=True) and again["ci"] == first["ci"]
+    column = P.feature_columns(synth)[0]
+    changed = synth.assign(**{column: synth[column] + 1.0})  # another table: another key
+    with pytest.raises(AssertionError, match="computed again"):
+        P.nested_evaluation(changed, "task", n_boot=50, progress=False, workers=1, cache=True)
+    with pytest.raises(AssertionError, match="computed again"):  # another argument: another key
+        P.nested_evaluation(synth, "task", n_boot=51, progress=False, workers=1, cache=True)
+
+
 def test_best_fixed_comes_from_the_training_pairs_only(synth):
     split = P.leave_one_task_out(synth)[0]
     records, _ = P.evaluate_split(synth, split, "ridge")

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import importlib
 import platform
+from pathlib import Path
 from typing import Any
+
+from .paths import PROJECT_ROOT, build_dir
 
 #: The MIME type of a chapter's headline in an executed notebook (a JSON object ``{"text": ...}``); the runner's
 #: summary table reads it, JupyterLab shows the markdown or plain-text form beside it.
@@ -26,6 +29,16 @@ def versions(*modules: str) -> str:
         module = importlib.import_module(name)
         parts.append(f"{_DISPLAY_NAMES.get(name, name)} {getattr(module, '__version__', '?')}")
     return " · ".join(parts)
+
+
+def short_path(path: str | Path) -> str:
+    """``path`` as a learner should read it: ``build/...`` for outputs (wherever ``$SIMMERGE_BUILD`` puts them),
+    relative to the project for its own files, unchanged elsewhere."""
+    resolved = Path(path).resolve()
+    for root, prefix in ((build_dir().resolve(), Path("build")), (PROJECT_ROOT.resolve(), Path())):
+        if resolved.is_relative_to(root):
+            return str(prefix / resolved.relative_to(root))
+    return str(path)
 
 
 def set_theme(**rc: Any) -> None:

@@ -101,6 +101,9 @@ def normalize_notebooks(paths: Sequence[Path] | None = None) -> list[Path]:
 # Live progress
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # IPython colours its tracebacks; a log file or CI page shows codes
+
+
 def _plain(value: str) -> str:
     """Text of a tqdm widget label: HTML-unescaped, tqdm's figure spaces back to spaces, one line."""
     return " ".join(html.unescape(value).replace("\u2007", " ").split())
@@ -400,7 +403,7 @@ def run_notebooks(profile: str, out: Path, selection: Sequence[str] = (), prepar
             print(exc.source)
             print("---- error " + "-" * 67)
             print(f"{exc.ename}: {exc.evalue}")
-            print("".join(exc.traceback[-3:]) if exc.traceback else "")
+            print(_ANSI.sub("", "".join(exc.traceback[-3:])) if exc.traceback else "")
             raise SystemExit(1) from None
         seconds = time.perf_counter() - start
         if prepare_only:

@@ -698,7 +698,7 @@ def collect_labels(catalogue: Catalogue | str | os.PathLike[str], jobs: Sequence
         todo = [j for j in dict((j.key, j) for j in jobs).values() if j.key not in done]
         by_key = {j.key: j for j in todo}
         sink = _Sink(out, existing, LABEL_COLUMNS, flush_every, flush_seconds)
-        bar = _progress(len(todo), "labels", progress)
+        bar = _progress(len(todo), "labels", progress and bool(todo))  # no empty bar when all are cached
         try:
             for result in runner.run(todo):
                 job = by_key[result["key"]]

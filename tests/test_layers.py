@@ -8,7 +8,7 @@ import ast
 from simmerge_lib.paths import PROJECT_ROOT
 
 LAYERS = {
-    "io": ["paths", "checkpoint"],
+    "io": ["paths", "checkpoint", "course"],
     "catalogue": ["tasks", "tokenizer", "catalogue", "probes", "evaluate", "zoo"],
     "merging": ["kernels", "operators", "vocab", "recipe", "engine"],
     "signals": ["features", "labels"],

@@ -638,16 +638,6 @@ def load_or_fit_predictor(profile: str, features: pd.DataFrame, labels: pd.DataF
     return predictor
 
 
-def prepare(profile: str, progress: bool = True) -> tuple[Catalogue, pd.DataFrame, Any]:
-    """The chapter's inputs for a profile: the catalogue, its labels (both via chapter 04's
-    :func:`simmerge_lib.predictor.load_tables`, which builds what is missing) and a predictor
-    (:func:`load_or_fit_predictor`)."""
-    from .predictor import load_tables
-
-    features, labels, reference, catalogue = load_tables(profile, progress=progress)
-    return catalogue, labels, load_or_fit_predictor(profile, features, labels, reference)
-
-
 # ============================================================================================ planning entry point
 def candidate_experts(catalogue: Catalogue, tasks: Sequence[str] | None,
                       base: str | None = None) -> dict[str, list[str]]:
@@ -862,14 +852,19 @@ ALL_AT_ONCE: tuple[tuple[str, str, dict[str, float]], ...] = (
 
 
 def oracle_plans(catalogue: Catalogue, tasks: Sequence[str], ops: Sequence[OpChoice], k: int, base: str,
-                 min_k: int = 1, subset: Sequence[str] | None = None) -> list[Plan]:
+                 min_k: int = 1, subset: Sequence[str] | None = None, limit: int | None = None) -> list[Plan] | None:
     """The plans an oracle merges for real: every plan of ``min_k``..k experts of ``base`` the planner searches
     (one expert per task, swapped first-step twins once), or, given ``subset``, every order × operator sequence of
-    those experts (canonical)."""
+    those experts (canonical). None when they number more than ``limit``: counted (:meth:`Planner.space`) before
+    any is enumerated, since the spaces of larger k run to millions of plans."""
     pool = candidate_experts(catalogue, tasks, base)
     planner = Planner(lambda *a: {}, pool, tasks, ops, distinct_tasks=True, order_free=True)
     if subset is not None:
+        if limit is not None and planner.space(len(subset), list(subset)) > limit:
+            return None
         return [p for p in enumerate_plans(list(subset), ops) if planner.canonical(p)]
+    if limit is not None and sum(planner.space(j) for j in range(min_k, k + 1)) > limit:
+        return None
     return [p for j in range(min_k, k + 1) for p in _valid_plans(planner, j, list(pool))]
 
 
@@ -909,8 +904,9 @@ def baselines(realizer: Realizer, chosen: Plan, ops: Sequence[OpChoice], fixed_o
     out["best_single_quality"] = singles[out["best_single"]]
     base = realizer.catalogue.base_of(chosen.order[0]).name
     k = full.k
-    every = oracle_plans(realizer.catalogue, realizer.tasks, ops, k, base, min_k)
-    own = oracle_plans(realizer.catalogue, realizer.tasks, ops, k, base, subset=chosen.order) if chosen.k > 1 else []
+    every = oracle_plans(realizer.catalogue, realizer.tasks, ops, k, base, min_k, limit=oracle_max_plans)
+    own = (oracle_plans(realizer.catalogue, realizer.tasks, ops, k, base, subset=chosen.order, limit=oracle_max_plans)
+           if chosen.k > 1 else None)
     out["oracle_quality"] = out["oracle_plan"] = out["oracle_scope"] = out["oracle_plans"] = None
     for scope, plans in (("every plan", every), ("orders × operators of the planner's subset", own)):
         if plans and len(plans) <= oracle_max_plans:
@@ -1090,26 +1086,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ============================================================================================ the chapter's study
-#: The settings of each operator searched in the study: one each, so that the exhaustive oracle stays affordable.
-STUDY_SETTINGS: dict[str, list[dict[str, float]]] = {
-    "linear": [{"weight": 0.5}], "slerp": [{"t": 0.5}], "task_arithmetic": [{"lambda": 1.0}],
-    "ties": [{"density": 0.5}], "dare_linear": [{"density": 0.5}], "dare_ties": [{"density": 0.5}]}
-
-
-def study_ops(predictor: Any, methods: Sequence[str] | None = None) -> list[OpChoice]:
-    """The study's candidates: per operator of the predictor, its :data:`STUDY_SETTINGS` that the predictor knows
-    (else its first setting)."""
-    by_method: dict[str, list[OpChoice]] = {}
-    for op in predictor_ops(predictor, methods):
-        by_method.setdefault(op.method, []).append(op)
-    out = []
-    for method, choices in by_method.items():
-        wanted = [OpChoice.make(method, s) for s in STUDY_SETTINGS.get(method, [])]
-        known = [op for op in wanted if op in choices]
-        out += known or choices[:1]
-    return out
-
-
 def fixed_op_from_labels(labels: pd.DataFrame) -> OpChoice:
     """The best fixed (method, setting) of a labels table (same-base pairs), as an :class:`OpChoice`."""
     from .labels import best_fixed, merge_quality

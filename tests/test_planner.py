@@ -259,3 +259,47 @@ def test_predictor_scorer_batches_and_reads_the_features_table(tiny_catalogue):
     assert [set(k) for k in keep] == [{"max"}, {"max"}] and all(math.isfinite(k["max"]) for k in keep)
     twin = reader.with_predictor(predictor)
     assert twin.batch(steps[2:], ops)[0] == batched[2] and twin.computed_rows == 0  # features are shared
+
+
+def test_study_summary_judges_the_planner_against_every_baseline():
+    from simmerge_lib.planner import BASELINE_NAMES, study_summary
+
+    def row(planner, oracle=None, **baselines):
+        out = {"planner_quality": planner, "predicted_quality": planner + 0.1, "chosen_k": 2,
+               "full_plan_quality": planner - 0.01, "oracle_quality": oracle,
+               "oracle_scope": None if oracle is None else "every plan"}
+        return {**out, **{key: baselines.get(key) for key in BASELINE_NAMES}}
+
+    study = {2: row(0.90, oracle=0.93, all_at_once_linear=0.88, best_single_quality=0.85),
+             3: row(0.80, all_at_once_linear=0.70, random_order_quality=0.60, best_single_quality=0.81),
+             4: {"skipped": "too few tasks"}}
+    summary = study_summary(study).set_index("k")
+    assert list(summary.index) == [2, 3]  # skipped sizes are left out
+    assert bool(summary.beats_every_baseline[2]) and summary.best_baseline[2] == "all-at-once linear"
+    assert summary.gap_to_oracle[2] == pytest.approx(0.03) and summary.margin[2] == pytest.approx(0.02)
+    # the planner loses to keeping the best single expert at k = 3, whatever the other baselines did
+    assert not bool(summary.beats_every_baseline[3]) and summary.best_baseline[3] == "best single expert"
+    assert summary.margin[3] == pytest.approx(-0.01) and math.isnan(summary.gap_to_oracle[3])  # no oracle
+    assert bool(study_summary(study, tol=0.02).set_index("k").beats_every_baseline[3])
+
+
+def test_task_halves_split_the_catalogue_tasks(tiny_catalogue):
+    from simmerge_lib.planner import task_halves
+
+    first, second = task_halves(Catalogue.load(tiny_catalogue))
+    assert first == ["reverse"] and second == ["sort"]  # three tasks: one each, the odd one left out
+
+
+def test_oracle_plans_are_counted_before_they_are_enumerated(tiny_catalogue):
+    from simmerge_lib.planner import oracle_plans
+
+    cat = Catalogue.load(tiny_catalogue)
+    ops = OPS[:2]
+    every = oracle_plans(cat, cat.tasks, ops, 3, "base0")
+    # 3 single experts, 3 pairs x 2 operators (order-free: one order each), one triple: 3!/2 orders x 2^2 operators
+    assert len(every) == 3 + 3 * 2 + 3 * 4 == len({(p.order, p.ops) for p in every})
+    assert oracle_plans(cat, cat.tasks, ops, 3, "base0", limit=len(every)) == every
+    assert oracle_plans(cat, cat.tasks, ops, 3, "base0", limit=len(every) - 1) is None
+    subset = ["base0-reverse", "base0-sort", "base0-max"]
+    assert len(oracle_plans(cat, cat.tasks, ops, 3, "base0", subset=subset, limit=12)) == 12
+    assert oracle_plans(cat, cat.tasks, ops, 3, "base0", subset=subset, limit=11) is None

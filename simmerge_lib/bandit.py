@@ -70,6 +70,14 @@ TRAIT_NAMES = ("interpolate", "spherical", "task_vector", "trim", "drop", "sign_
 PARAM_NEUTRAL = {"weight": 0.5, "t": 0.5, "lambda": 1.0, "density": 1.0}
 DESCRIPTOR_NAMES = (*TRAIT_NAMES, *(f"p_{k}" for k in PARAM_NEUTRAL))
 POLICIES = ("linucb", "hybrid", "thompson", "predictor", "best_fixed", "random")
+#: The chapter's stream: requests, the learners' exploration weight and context size (the values of Li et al.'s
+#: setting and of the previous chapters, not tuned on the replayed table), and the operator that arrives
+#: mid-stream: DELLA, registered after chapter 03's grid was fixed; it shares its traits (task vector, drop, sign
+#: election) with DARE-TIES, so hybrid LinUCB can start it from what it learned about its relatives.
+DEFAULT_HORIZON = 1200
+DEFAULT_ALPHA = 0.1
+DEFAULT_COMPONENTS = 8
+NEW_OPERATOR = "della"
 
 
 # ============================================================================================== arms and contexts
@@ -440,6 +448,23 @@ def make_scenario(data: ReplayData, horizon: int = 600, new_operator: str | None
     n_hist = min(max(2, int(round(history_share * len(start)))), len(start) - 1)
     history = tuple(sorted(int(i) for i in rng.choice(start, size=n_hist, replace=False)))
     return Scenario(horizon, history, tuple(events), window, new_share)
+
+
+def scenario_for(data: ReplayData, horizon: int = DEFAULT_HORIZON, new_operator: str | None = "auto",
+                 window: int = 50, seed: int = 0, new_share: float = 0.5) -> Scenario:
+    """:func:`make_scenario` with every event the table allows: a small catalogue may not keep enough pairs at the
+    start for a new task and two new experts, so the experts' event, then the task's, are dropped until it fits."""
+    error: ValueError | None = None
+    for new_task, new_experts in (("auto", 2), ("auto", 1), ("auto", None), (None, None)):
+        try:
+            return make_scenario(data, horizon, new_operator=new_operator, new_task=new_task,
+                                 new_experts=new_experts, window=window, new_share=new_share, seed=seed)
+        except ValueError as exc:
+            if "not among" in str(exc):
+                raise
+            error = exc
+    assert error is not None
+    raise error
 
 
 def _operator_value(data: ReplayData, method: str) -> tuple[float, int]:
@@ -1094,10 +1119,29 @@ def registry_labels(catalogue: Any, labels: pd.DataFrame, methods: Sequence[str]
     return collect_labels(catalogue, jobs, out, workers=workers, progress=progress)
 
 
+def stream_tables(profile: str, new_operator: str | None = NEW_OPERATOR, progress: bool = False
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`bandit_tables` plus, when chapter 03's grid does not hold ``new_operator`` (a registry operator, e.g.
+    :data:`NEW_OPERATOR`), its labels on every pair of the table (:func:`registry_labels`: collected once into
+    build/bandit/<profile>-registry.parquet, read back on a rerun). ``None`` or ``"auto"`` adds nothing."""
+    features, labels = bandit_tables(profile)
+    if new_operator in (None, "auto") or new_operator in set(labels.method):
+        return features, labels
+    from .catalogue import Catalogue
+    from .zoo import catalogue_dir
+
+    folder = catalogue_dir(profile)
+    if not (folder / "catalogue.json").is_file():
+        raise FileNotFoundError(f"{folder}: no catalogue to merge {new_operator!r} on (run chapter 00)")
+    extra = registry_labels(Catalogue.load(folder), labels, [new_operator], out=registry_labels_path(profile),
+                            progress=progress)
+    return features, pd.concat([labels, extra], ignore_index=True)
+
+
 def _cmd_bandit(args: argparse.Namespace) -> int:
     features, labels = bandit_tables(args.profile)
     data = replay_data(features, labels)
-    scenario = make_scenario(data, horizon=args.horizon, seed=args.split_seed)
+    scenario = scenario_for(data, horizon=args.horizon, seed=args.split_seed)
     setup = prepare_replay(data, scenario)
     runs = replay_many(setup, seeds=range(args.seeds), noise=args.noise)
     print(json.dumps(summarize_runs(runs, scenario)))
@@ -1107,7 +1151,7 @@ def _cmd_bandit(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bandit", help="replay a profile's labels through contextual bandits (regret summary)")
     p.add_argument("--profile", default="default", help="tables build/{features,labels}/<profile>.parquet")
-    p.add_argument("--horizon", type=int, default=600, help="requests in the stream")
+    p.add_argument("--horizon", type=int, default=DEFAULT_HORIZON, help="requests in the stream")
     p.add_argument("--seeds", type=int, default=10, help="streams replayed per policy")
     p.add_argument("--noise", type=float, default=0.0, help="std of noise added to observed rewards")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the history pairs and new experts")

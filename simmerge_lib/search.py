@@ -686,7 +686,10 @@ def run_search(space: Space, n_trials: int, problem: MergeProblem | None = None,
     rungs = sorted(int(n) for n in fidelities)
     if multi or pruner in (None, "none"):
         rungs = rungs[-1:]
-    study = optuna.create_study(directions=["maximize"] * (len(tasks) if multi else 1),
+    # A fixed study name: Hyperband assigns trials to brackets by a hash of (study name, trial number), and the
+    # default name is a random UUID, which made the same seed prune different trials from run to run.
+    study = optuna.create_study(study_name=f"{sampler}-{space.kind}-{objectives}-{seed}",
+                                directions=["maximize"] * (len(tasks) if multi else 1),
                                 sampler=make_sampler(sampler, seed, len(tasks) if multi else 1, n_startup),
                                 pruner=make_pruner(None if multi else pruner, rungs, eta))
     for params in warm_start:
@@ -927,11 +930,11 @@ def choose_pair(catalogue: Catalogue, labels_file: str | Path | None = None) -> 
 #: Per-profile sizes of :func:`run_experiment` (real trials are merges + evaluations; surrogate trials are cheap).
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {"n_eval": 16, "n_min": 4, "real_trials": 6, "nsga_trials": 4, "depth_trials": 4, "samples": 8,
-              "surrogate_trials": 30, "seeds": (0,), "n_probes": 4, "trees": 30},
-    "default": {"n_eval": 32, "n_min": 8, "real_trials": 40, "nsga_trials": 24, "depth_trials": 24, "samples": 60,
-                "surrogate_trials": 300, "seeds": (0, 1, 2), "n_probes": 8, "trees": 100},
-    "full": {"n_eval": 64, "n_min": 8, "real_trials": 120, "nsga_trials": 60, "depth_trials": 60, "samples": 200,
-             "surrogate_trials": 500, "seeds": (0, 1, 2, 3, 4), "n_probes": 32, "trees": 200},
+              "surrogate_trials": 30, "seeds": (0,), "n_probes": 4, "trees": 30, "pairs": 2},
+    "default": {"n_eval": 128, "n_min": 16, "real_trials": 40, "nsga_trials": 24, "depth_trials": 24, "samples": 60,
+                "surrogate_trials": 150, "seeds": (0, 1), "n_probes": 8, "trees": 100, "pairs": 4},
+    "full": {"n_eval": 256, "n_min": 16, "real_trials": 120, "nsga_trials": 60, "depth_trials": 60, "samples": 200,
+             "surrogate_trials": 500, "seeds": (0, 1, 2, 3, 4), "n_probes": 32, "trees": 200, "pairs": 8},
 }
 #: Samplers compared on the surrogate at equal budget.
 COMPARED = ("random", "qmc", "tpe", "nsga2")

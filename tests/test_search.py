@@ -222,3 +222,16 @@ def test_pair_study_scores_the_winner_on_examples_the_search_never_saw(tiny_cata
         assert s["heldout_examples_decoded"] > 0 and s["search_examples"] <= s["real_examples"]
     summary = search.pair_study_summary(table)
     assert summary["pairs"] == 2 and summary["best_found_ge_choice"] == "2/2"
+
+
+def test_hyperband_search_is_reproducible(tiny_catalogue):
+    # Hyperband's brackets hash the study name: a random default name made one seed prune different trials
+    runs = []
+    for _ in range(2):
+        problem = MergeProblem(tiny_catalogue, "base0-reverse", "base0-sort")
+        problem.evaluator = _fake_evaluator
+        runs.append(run_search(problem.layerwise_space(), 12, problem=problem, sampler="tpe",
+                               fidelities=fidelity_schedule(16, 2), pruner="hyperband", seed=0, n_startup=4).trials)
+    assert (runs[0].state == "PRUNED").any()
+    pd.testing.assert_frame_equal(runs[0].drop(columns="params"), runs[1].drop(columns="params"))
+    assert list(runs[0].params) == list(runs[1].params)

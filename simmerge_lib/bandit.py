@@ -70,6 +70,14 @@ TRAIT_NAMES = ("interpolate", "spherical", "task_vector", "trim", "drop", "sign_
 PARAM_NEUTRAL = {"weight": 0.5, "t": 0.5, "lambda": 1.0, "density": 1.0}
 DESCRIPTOR_NAMES = (*TRAIT_NAMES, *(f"p_{k}" for k in PARAM_NEUTRAL))
 POLICIES = ("linucb", "hybrid", "thompson", "predictor", "best_fixed", "random")
+#: The chapter's stream: requests, the learners' exploration weight and context size (the values of Li et al.'s
+#: setting and of the previous chapters, not tuned on the replayed table), and the operator that arrives
+#: mid-stream: DELLA, registered after chapter 03's grid was fixed; it shares its traits (task vector, drop, sign
+#: election) with DARE-TIES, so hybrid LinUCB can start it from what it learned about its relatives.
+DEFAULT_HORIZON = 1200
+DEFAULT_ALPHA = 0.1
+DEFAULT_COMPONENTS = 8
+NEW_OPERATOR = "della"
 
 
 # ============================================================================================== arms and contexts
@@ -127,9 +135,12 @@ def pair_key(a: str, b: str) -> str:
 
 
 def pair_contexts(features: pd.DataFrame, pairs: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
-    """Raw context of each pair: its ordered feature rows (a, b, t) averaged over its parent tasks ``tasks``.
+    """Raw context of each pair: its feature rows averaged over its parent tasks ``tasks``.
 
-    ``pairs`` has columns a, b, tasks (tuple of task names). Returns (n_pairs × n_features, feature names)."""
+    ``pairs`` has columns a, b, tasks (tuple of task names). Each task's row is read from the side of the expert
+    that owns it (the row (owner, other, task), ``task_of_a == 1``, as chapter 04's predictor reads it), so the
+    context is the same whichever expert the catalogue lists first. Tables without owner-oriented rows (no
+    ``task_of_a``, or a row missing) fall back to the rows (a, b, t). Returns (n_pairs × n_features, names)."""
     from .predictor import feature_columns
 
     names = feature_columns(features)
@@ -137,8 +148,17 @@ def pair_contexts(features: pd.DataFrame, pairs: pd.DataFrame) -> tuple[np.ndarr
         raise ValueError("features table: no feature columns (fn_* / st_*)")
     want = pd.DataFrame([(i, a, b, t) for i, (a, b, ts) in enumerate(zip(pairs.a, pairs.b, pairs.tasks, strict=True))
                          for t in ts], columns=["_i", "a", "b", "task"])
-    rows = want.merge(features.drop_duplicates(["a", "b", "task"])[["a", "b", "task", *names]],
-                      on=["a", "b", "task"], how="inner")
+    table = features.drop_duplicates(["a", "b", "task"])
+    rows = None
+    if "task_of_a" in table.columns:
+        owned = table[table.task_of_a == 1][["a", "b", "task", *names]]
+        forward = want.merge(owned, on=["a", "b", "task"], how="inner")
+        backward = want.merge(owned.rename(columns={"a": "b", "b": "a"}), on=["a", "b", "task"], how="inner")
+        both = pd.concat([forward, backward], ignore_index=True).drop_duplicates(["_i", "task"])
+        if len(both) == len(want):
+            rows = both
+    if rows is None:
+        rows = want.merge(table[["a", "b", "task", *names]], on=["a", "b", "task"], how="inner")
     missing = sorted(set(range(len(pairs))) - set(rows._i))
     if missing:
         i = missing[0]
@@ -428,6 +448,23 @@ def make_scenario(data: ReplayData, horizon: int = 600, new_operator: str | None
     n_hist = min(max(2, int(round(history_share * len(start)))), len(start) - 1)
     history = tuple(sorted(int(i) for i in rng.choice(start, size=n_hist, replace=False)))
     return Scenario(horizon, history, tuple(events), window, new_share)
+
+
+def scenario_for(data: ReplayData, horizon: int = DEFAULT_HORIZON, new_operator: str | None = "auto",
+                 window: int = 50, seed: int = 0, new_share: float = 0.5) -> Scenario:
+    """:func:`make_scenario` with every event the table allows: a small catalogue may not keep enough pairs at the
+    start for a new task and two new experts, so the experts' event, then the task's, are dropped until it fits."""
+    error: ValueError | None = None
+    for new_task, new_experts in (("auto", 2), ("auto", 1), ("auto", None), (None, None)):
+        try:
+            return make_scenario(data, horizon, new_operator=new_operator, new_task=new_task,
+                                 new_experts=new_experts, window=window, new_share=new_share, seed=seed)
+        except ValueError as exc:
+            if "not among" in str(exc):
+                raise
+            error = exc
+    assert error is not None
+    raise error
 
 
 def _operator_value(data: ReplayData, method: str) -> tuple[float, int]:
@@ -874,18 +911,36 @@ def _mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": round(float(v.mean()), 4), "std": round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 4)}
 
 
-def summarize_runs(runs: pd.DataFrame, scenario: Scenario) -> dict[str, Any]:
-    """Per policy: cumulative regret at the end of the stream and mean regret per request, each mean ± std over
-    seeds; per event: summed regret over the ``window`` requests before and after it."""
+def crossing_time(runs: pd.DataFrame, policy: str, reference: str = "best_fixed") -> int | None:
+    """The request t from which ``policy``'s cumulative regret (mean over seeds) stays below ``reference``'s until
+    the end of the stream: where a learner has caught up with, and then stays ahead of, the reference. None when
+    it is not below at the end."""
+    curves = runs[runs.policy.isin([policy, reference])].groupby(["policy", "t"]).cum_regret.mean().unstack(0)
+    below = (curves[policy] < curves[reference]).to_numpy()
+    if not len(below) or not below[-1]:
+        return None
+    above = np.flatnonzero(~below)
+    return int(curves.index[above[-1] + 1] if len(above) else curves.index[0])
+
+
+def summarize_runs(runs: pd.DataFrame, scenario: Scenario, reference: str = "best_fixed") -> dict[str, Any]:
+    """Per policy: cumulative regret at the end of the stream, mean regret per request and in the last quarter of
+    the stream, each mean ± std over seeds, and the request from which its cumulative regret stays below the
+    ``reference`` policy's (:func:`crossing_time`); per event: summed regret over the ``window`` requests before and
+    after it."""
     w = scenario.window
     out: dict[str, Any] = {"horizon": scenario.horizon, "window": w, "seeds": int(runs.seed.nunique()),
                            "events": [{"kind": ev.kind, "time": ev.time, "label": ev.label} for ev in scenario.events],
                            "policies": {}}
+    last = runs.t >= runs.t.max() - (runs.t.max() + 1) // 4
     for name, g in runs.groupby("policy", sort=False):
         per_seed = g.groupby("seed")
         rec: dict[str, Any] = {"cumulative_regret": _mean_std(per_seed.regret.sum()),
                                "mean_regret": _mean_std(per_seed.regret.mean()),
+                               "last_quarter_regret": _mean_std(g[last[g.index]].groupby("seed").regret.mean()),
                                "mean_reward": _mean_std(per_seed.reward.mean())}
+        if reference in set(runs.policy) and name != reference:
+            rec[f"crossing_{reference}"] = crossing_time(runs, str(name), reference)
         for ev in scenario.events:
             before = g[(g.t >= ev.time - w) & (g.t < ev.time)].groupby("seed").regret.sum()
             after = g[(g.t >= ev.time) & (g.t < ev.time + w)].groupby("seed").regret.sum()
@@ -1008,20 +1063,85 @@ def run_live(policy: Policy, env: LiveEnvironment, requests: Sequence[tuple[str,
 
 # ============================================================================================== the command
 def bandit_tables(profile: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The features and labels tables of a profile: build/features/<profile>.parquet, build/labels/<profile>.parquet."""
+    """The features and labels tables of a profile: build/features/<profile>.parquet, build/labels/<profile>.parquet.
+
+    When the profile's catalogue exists, only the labels of its current jobs are kept (a table may still hold rows
+    of an older catalogue or label format, which chapter 03 leaves in place)."""
     from .features import features_path
-    from .labels import labels_path, load_labels
+    from .labels import PROFILES, labels_path, load_labels
 
     fpath = features_path(profile)
     if not fpath.is_file():
         raise FileNotFoundError(f"{fpath}: no features table (run chapter 01 or `simmerge features`)")
-    return pd.read_parquet(fpath), load_labels(labels_path(profile))
+    labels = load_labels(labels_path(profile))
+    if profile in PROFILES:
+        labels = current_labels(labels, profile)
+    return pd.read_parquet(fpath), labels
+
+
+def current_labels(labels: pd.DataFrame, profile: str) -> pd.DataFrame:
+    """The rows of ``labels`` whose job keys the profile's catalogue and settings make now (all rows when the
+    catalogue is not built)."""
+    from .catalogue import Catalogue
+    from .labels import make_jobs, profile_settings
+    from .zoo import catalogue_dir
+
+    folder = catalogue_dir(profile)
+    if not (folder / "catalogue.json").is_file():
+        return labels
+    keys = {j.key for j in make_jobs(Catalogue.load(folder), **profile_settings(profile))}
+    return labels[labels.job_key.isin(keys)].reset_index(drop=True)
+
+
+def registry_labels_path(profile: str) -> Any:
+    """Where chapter 06 keeps the labels of operators outside chapter 03's grid: build/bandit/<profile>-registry."""
+    from .paths import build_path
+
+    return build_path("bandit", f"{profile}-registry.parquet")
+
+
+def registry_labels(catalogue: Any, labels: pd.DataFrame, methods: Sequence[str], out: Any = None,
+                    settings: int = 1, workers: int | None = None, progress: bool = False) -> pd.DataFrame:
+    """Labels of operators the label grid does not hold (e.g. ones added to the operator registry later), on every
+    pair of ``labels``, with the same evaluation (n_eval, seed, the parents' tasks): the first ``settings`` of each
+    operator's default grid (:func:`simmerge_lib.operators.default_grid`). Collected by chapter 03's
+    :func:`~simmerge_lib.labels.collect_labels` into ``out`` (resumable; default :func:`registry_labels_path` of
+    the catalogue's name), so a rerun merges nothing."""
+    from .labels import collect_labels, make_jobs
+    from .operators import default_grid
+
+    grid = {m: default_grid([m])[m][:settings] for m in methods}
+    pairs = list(labels.drop_duplicates(["a", "b"])[["a", "b"]].itertuples(index=False, name=None))
+    jobs = make_jobs(catalogue, grid, pairs=pairs, n_eval=int(labels.n_eval.iloc[0]), seed=int(labels.seed.iloc[0]),
+                     tasks="parents")
+    out = out if out is not None else registry_labels_path(catalogue.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return collect_labels(catalogue, jobs, out, workers=workers, progress=progress)
+
+
+def stream_tables(profile: str, new_operator: str | None = NEW_OPERATOR, progress: bool = False
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`bandit_tables` plus, when chapter 03's grid does not hold ``new_operator`` (a registry operator, e.g.
+    :data:`NEW_OPERATOR`), its labels on every pair of the table (:func:`registry_labels`: collected once into
+    build/bandit/<profile>-registry.parquet, read back on a rerun). ``None`` or ``"auto"`` adds nothing."""
+    features, labels = bandit_tables(profile)
+    if new_operator in (None, "auto") or new_operator in set(labels.method):
+        return features, labels
+    from .catalogue import Catalogue
+    from .zoo import catalogue_dir
+
+    folder = catalogue_dir(profile)
+    if not (folder / "catalogue.json").is_file():
+        raise FileNotFoundError(f"{folder}: no catalogue to merge {new_operator!r} on (run chapter 00)")
+    extra = registry_labels(Catalogue.load(folder), labels, [new_operator], out=registry_labels_path(profile),
+                            progress=progress)
+    return features, pd.concat([labels, extra], ignore_index=True)
 
 
 def _cmd_bandit(args: argparse.Namespace) -> int:
     features, labels = bandit_tables(args.profile)
     data = replay_data(features, labels)
-    scenario = make_scenario(data, horizon=args.horizon, seed=args.split_seed)
+    scenario = scenario_for(data, horizon=args.horizon, seed=args.split_seed)
     setup = prepare_replay(data, scenario)
     runs = replay_many(setup, seeds=range(args.seeds), noise=args.noise)
     print(json.dumps(summarize_runs(runs, scenario)))
@@ -1031,7 +1151,7 @@ def _cmd_bandit(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bandit", help="replay a profile's labels through contextual bandits (regret summary)")
     p.add_argument("--profile", default="default", help="tables build/{features,labels}/<profile>.parquet")
-    p.add_argument("--horizon", type=int, default=600, help="requests in the stream")
+    p.add_argument("--horizon", type=int, default=DEFAULT_HORIZON, help="requests in the stream")
     p.add_argument("--seeds", type=int, default=10, help="streams replayed per policy")
     p.add_argument("--noise", type=float, default=0.0, help="std of noise added to observed rewards")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the history pairs and new experts")

@@ -116,6 +116,24 @@ class GroupSetting:
                 "parameters": glob, "dtype": "float32"}
 
 
+    def coefficients(self) -> tuple[float, float]:
+        """How much of each task vector the group's merge adds to the base, (c_a, c_b): theta ≈ theta_0 +
+        c_a tau_a + c_b tau_b before trimming / dropping (linear and SLERP: the mix; task-vector operators: lambda
+        times the weights (2 mix, 2 (1 - mix)), divided by their sum when the operator normalizes). A surrogate
+        input: the scale of the merged task vector explains more of a recipe's quality than any raw parameter."""
+        m = float(self.mix)
+        if self.method in ("linear", "slerp"):
+            return m, 1.0 - m
+        normalize = bool(get_operator(self.method).global_params.get("normalize") or False)
+        scale = float(self.lam) / (2.0 if normalize else 1.0)
+        return 2.0 * m * scale, 2.0 * (1.0 - m) * scale
+
+    def kept(self) -> float:
+        """The share of each task vector's entries the operator keeps (its density when it trims or drops)."""
+        traits = get_operator(self.method).traits
+        return float(self.density) if {"trim", "drop"} & set(traits) else 1.0
+
+
 def setting_from_grid(method: str, parameters: Mapping[str, Any]) -> GroupSetting:
     """The :class:`GroupSetting` equal to a labels-grid point (``labels.job_recipe``'s reading of a setting)."""
     p = dict(parameters)
@@ -250,14 +268,19 @@ class LayerwiseSpace:
         names = []
         for g in range(len(self.groups)):
             names += [f"g{g}_is_{m}" for m in self.methods] + [f"g{g}_mix", f"g{g}_lam", f"g{g}_density"]
+            names += [f"g{g}_coef_a", f"g{g}_coef_b", f"g{g}_coef_sum", f"g{g}_kept"]
         return names
 
     def encode(self, params: Mapping[str, Any]) -> np.ndarray:
-        """Numeric vector of a configuration: one-hot operator and the raw parameters of each group."""
+        """Numeric vector of a configuration: per group the one-hot operator, the raw parameters and what they mean
+        for the merged task vector (:meth:`GroupSetting.coefficients`, :meth:`GroupSetting.kept`)."""
         row: list[float] = []
         for g in range(len(self.groups)):
+            setting = GroupSetting(str(params[f"g{g}_op"]), float(params[f"g{g}_mix"]), float(params[f"g{g}_lam"]),
+                                   float(params[f"g{g}_density"]))
+            ca, cb = setting.coefficients()
             row += [float(params[f"g{g}_op"] == m) for m in self.methods]
-            row += [float(params[f"g{g}_mix"]), float(params[f"g{g}_lam"]), float(params[f"g{g}_density"])]
+            row += [setting.mix, setting.lam, setting.density, ca, cb, ca + cb, setting.kept()]
         return np.asarray(row, dtype=float)
 
 
@@ -434,6 +457,7 @@ class MergeProblem:
         self._refs: dict[tuple[str, int], float] = {}
         self.evaluations = 0
         self.examples = 0
+        self.heldout_examples = 0
 
     def paths(self) -> dict[str, str]:
         """Model name → checkpoint folder (for writing recipes that mergekit or the engine can run)."""
@@ -502,6 +526,53 @@ class MergeProblem:
     def quality(self, recipe: SearchRecipe, n: int) -> float:
         """Mean normalized score over the parent tasks (the merge quality)."""
         values = [v for v in self.normalized(recipe, n).values() if not math.isnan(v)]
+        return float(np.mean(values)) if values else math.nan
+
+    # --- held-out examples -----------------------------------------------------------------------------------
+    def _slice_scores(self, state: Mapping[str, Tensor], depth: int, start: int, stop: int) -> dict[str, float]:
+        from .evaluate import synthetic_detail
+
+        if self.catalogue.evaluator is not None:
+            raise ValueError("held-out scoring reads each example's result: the kit's tasks only (this catalogue "
+                             f"names the evaluator {self.catalogue.evaluator!r})")
+        model, tok = self.skeleton(depth)
+        model.load_state_dict(state, strict=True)
+        detail = synthetic_detail(model, tok, list(self.tasks), stop)
+        self.heldout_examples += (stop - start) * len(self.tasks)
+        return {t: float(exact[start:stop].mean()) for t, (exact, _) in detail.items()}
+
+    def heldout_normalized(self, recipe: SearchRecipe, start: int, stop: int | None = None) -> dict[str, float]:
+        """norm_t on the eval examples [start, stop) of each parent task (default: to the end of the split): examples
+        a search that scored the first ``start`` never saw, so a recipe chosen for being best there is not flattered
+        by the noise it was chosen on. Normalized by the best parent's own score on the same examples. The kit's
+        tasks only (the per-example results are read); not counted as search cost."""
+        from .tasks import SPLIT_SIZES
+
+        stop = SPLIT_SIZES["eval"] if stop is None else int(stop)
+        if not 0 <= start < stop:
+            raise ValueError(f"held-out examples: need 0 <= start < stop, got {start}, {stop}")
+        key = (recipe.key(), f"heldout:{start}:{stop}")
+        if key not in self._cache:
+            depth = recipe.depth if isinstance(recipe, DepthRecipe) else self.layer_count
+            self._cache[key] = self._slice_scores(self.state_dict(recipe), depth, start, stop)
+        raw = self._cache[key]
+        out = {}
+        for t in self.tasks:
+            rkey = (t, f"heldout:{start}:{stop}")
+            if rkey not in self._refs:
+                owners = [m for m in (self.a, self.b) if t in self.catalogue.entry(m).tasks] or [self.a, self.b]
+                for m in owners:
+                    if (f"parent:{m}", f"heldout:{start}:{stop}") not in self._cache:
+                        self._cache[(f"parent:{m}", f"heldout:{start}:{stop}")] = self._slice_scores(
+                            self.states[m], self.layer_count, start, stop)
+                self._refs[rkey] = max(self._cache[(f"parent:{m}", f"heldout:{start}:{stop}")][t] for m in owners)
+            ref = self._refs[rkey]
+            out[t] = raw[t] / ref if ref > 0 else math.nan
+        return out
+
+    def heldout_quality(self, recipe: SearchRecipe, start: int, stop: int | None = None) -> float:
+        """Merge quality on the held-out examples (:meth:`heldout_normalized`)."""
+        values = [v for v in self.heldout_normalized(recipe, start, stop).values() if not math.isnan(v)]
         return float(np.mean(values)) if values else math.nan
 
 
@@ -615,7 +686,10 @@ def run_search(space: Space, n_trials: int, problem: MergeProblem | None = None,
     rungs = sorted(int(n) for n in fidelities)
     if multi or pruner in (None, "none"):
         rungs = rungs[-1:]
-    study = optuna.create_study(directions=["maximize"] * (len(tasks) if multi else 1),
+    # A fixed study name: Hyperband assigns trials to brackets by a hash of (study name, trial number), and the
+    # default name is a random UUID, which made the same seed prune different trials from run to run.
+    study = optuna.create_study(study_name=f"{sampler}-{space.kind}-{objectives}-{seed}",
+                                directions=["maximize"] * (len(tasks) if multi else 1),
                                 sampler=make_sampler(sampler, seed, len(tasks) if multi else 1, n_startup),
                                 pruner=make_pruner(None if multi else pruner, rungs, eta))
     for params in warm_start:
@@ -856,11 +930,11 @@ def choose_pair(catalogue: Catalogue, labels_file: str | Path | None = None) -> 
 #: Per-profile sizes of :func:`run_experiment` (real trials are merges + evaluations; surrogate trials are cheap).
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {"n_eval": 16, "n_min": 4, "real_trials": 6, "nsga_trials": 4, "depth_trials": 4, "samples": 8,
-              "surrogate_trials": 30, "seeds": (0,), "n_probes": 4, "trees": 30},
-    "default": {"n_eval": 32, "n_min": 8, "real_trials": 40, "nsga_trials": 24, "depth_trials": 24, "samples": 60,
-                "surrogate_trials": 300, "seeds": (0, 1, 2), "n_probes": 8, "trees": 100},
-    "full": {"n_eval": 64, "n_min": 8, "real_trials": 120, "nsga_trials": 60, "depth_trials": 60, "samples": 200,
-             "surrogate_trials": 500, "seeds": (0, 1, 2, 3, 4), "n_probes": 32, "trees": 200},
+              "surrogate_trials": 30, "seeds": (0,), "n_probes": 4, "trees": 30, "pairs": 2},
+    "default": {"n_eval": 128, "n_min": 16, "real_trials": 40, "nsga_trials": 24, "depth_trials": 24, "samples": 60,
+                "surrogate_trials": 150, "seeds": (0, 1), "n_probes": 8, "trees": 100, "pairs": 4},
+    "full": {"n_eval": 256, "n_min": 16, "real_trials": 120, "nsga_trials": 60, "depth_trials": 60, "samples": 200,
+             "surrogate_trials": 500, "seeds": (0, 1, 2, 3, 4), "n_probes": 32, "trees": 200, "pairs": 8},
 }
 #: Samplers compared on the surrogate at equal budget.
 COMPARED = ("random", "qmc", "tpe", "nsga2")
@@ -898,19 +972,86 @@ class Experiment:
         return self.leaderboard.iloc[0]
 
 
+def heldout_choice(tables: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None], a: str, b: str,
+                   family: str = "forest", feature_set: str = "all", seed: int = 0) -> dict[str, Any]:
+    """The SimMerge choice for (a, b) from a predictor that never trained on a pair holding either expert or one of
+    their siblings (chapter 04's leave-one-expert-out), and the best fixed candidate of the same training pairs.
+
+    ``tables``: (features, labels, reference) of the catalogue (:func:`simmerge_lib.predictor.load_tables`).
+    Returns choice (method, parameters), predicted (its predicted quality), abstain (the predictor would rather
+    keep a parent), fixed (method, parameters), train_pairs."""
+    from .labels import setting_parameters
+    from .predictor import expert_tasks, fit_predictor, owner_rows, siblings, training_table
+
+    features, labels, reference = tables
+    table = training_table(features, labels, reference)
+    sib = siblings(table)
+    held = {a, b} | sib.get(a, set()) | sib.get(b, set())
+    train = table[~(table.a.isin(held) | table.b.isin(held))]
+    if train.pair.nunique() < 2:
+        raise ValueError(f"held-out SimMerge choice for {a}|{b}: fewer than two training pairs without them")
+    predictor = fit_predictor(train, family=family, feature_set=feature_set, seed=seed, classifier=False)
+    task_of = expert_tasks(table)
+    rows = owner_rows(features, pd.DataFrame({"a": a, "b": b, "task": [task_of[a], task_of[b]]}))
+    rec = predictor.recommend(rows).iloc[0]
+    fixed_method, fixed_setting = predictor.fixed.split("|", 1)
+    return {"choice": (str(rec.method), setting_parameters(str(rec.setting))), "predicted": float(rec.predicted),
+            "abstain": bool(rec.abstain), "fixed": (fixed_method, setting_parameters(fixed_setting)),
+            "train_pairs": int(train.pair.nunique())}
+
+
+def label_oracle(labels: pd.DataFrame, a: str, b: str) -> tuple[str, dict[str, Any], float] | None:
+    """The pair's best candidate of the label grid in hindsight: (method, parameters, its labelled quality); None
+    when the labels do not hold the pair."""
+    from .labels import merge_quality
+
+    q = merge_quality(labels[((labels.a == a) & (labels.b == b)) | ((labels.a == b) & (labels.b == a))])
+    q = q.dropna(subset=["quality"])
+    if q.empty:
+        return None
+    top = q.loc[q.quality.idxmax()]
+    params = labels[(labels.method == top.method) & (labels.setting == top.setting)].parameters.iloc[0]
+    return str(top.method), json.loads(params), float(top.quality)
+
+
+def choose_pairs(catalogue: Catalogue, labels: pd.DataFrame, n: int) -> list[tuple[str, str]]:
+    """``n`` same-base pairs of experts of different tasks spread over the labels' ranking of the oracle − best
+    fixed gap (the pair with the most room for a better recipe, the one with the least, and evenly in between), so
+    that search is tried where choosing matters and where it does not."""
+    from .labels import merge_quality, oracle_vs_fixed
+
+    quality = merge_quality(labels)
+    same = quality[quality.same_base].dropna(subset=["quality"])
+    names = {m.name for m in catalogue.models}
+    gaps = oracle_vs_fixed(same).sort_values(["gap", "a", "b"], ascending=[False, True, True])
+    gaps = gaps[gaps.a.isin(names) & gaps.b.isin(names)].reset_index(drop=True)
+    if gaps.empty:
+        return [choose_pair(catalogue)]
+    picks = sorted({int(round(i)) for i in np.linspace(0, len(gaps) - 1, min(n, len(gaps)))})
+    return [(str(gaps.a[i]), str(gaps.b[i])) for i in picks]
+
+
 def run_experiment(catalogue: Catalogue | str | Path, profile: str = "smoke", labels_file: str | Path | None = None,
                    predictor_file: str | Path | None = None, features_file: str | Path | None = None,
                    pair: tuple[str, str] | None = None, seed: int = 0, progress: bool = True,
-                   **overrides: Any) -> Experiment:
+                   tables: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None] | None = None,
+                   detailed: bool = True, family: str = "forest", **overrides: Any) -> Experiment:
     """Chapter 08 end to end on one same-base pair (``pair``, else :func:`choose_pair`):
 
-    1. baselines: the best fixed operator of the labels (fallback: linear 0.5) and the SimMerge predictor's choice
-       (fallback: the best fixed operator), merged and scored with ``n_eval`` examples per task;
-    2. real searches: TPE + Hyperband over the layer-wise space (warm-started with the SimMerge choice), NSGA-II
-       per task over the layer-wise space (Pareto front), TPE over the depth space;
+    1. baselines: the best fixed candidate and the SimMerge predictor's choice; given ``tables`` (features, labels,
+       reference) both come from the pairs that hold neither expert nor a sibling of theirs (:func:`heldout_choice`:
+       the pair's own labels never reach the choice), else from the labels file and the predictor file (fallbacks:
+       linear 0.5, the best fixed candidate); the label grid's best candidate for the pair in hindsight when the
+       labels hold it;
+    2. real searches on the first ``n_eval`` eval examples per task: TPE + Hyperband over the layer-wise space
+       (warm-started with the SimMerge choice and the best fixed candidate, so it can only match or beat both on
+       these examples), TPE over the depth space, and (``detailed``) NSGA-II per task (Pareto front);
     3. the surrogate: random real samples + every completed real trial, R² / Kendall τ on held-out groups;
-    4. random, QMC, TPE and NSGA-II on the surrogate at equal budget over ``seeds``; each one's best configuration
-       merged and scored for real.
+    4. (``detailed``) random, QMC, TPE and NSGA-II on the surrogate at equal budget over ``seeds``; each one's best
+       configuration merged and scored for real;
+    5. the honest comparison (kit tasks): the best recipe found, the baselines and the label oracle re-scored on
+       the eval examples the search never saw ([``n_eval``, 512)), where the search's pick is not flattered by the
+       noise it was picked on.
     """
     import time
 
@@ -923,93 +1064,175 @@ def run_experiment(catalogue: Catalogue | str | Path, profile: str = "smoke", la
     n_full = int(cfg["n_eval"])
     rungs = fidelity_schedule(n_full, int(cfg["n_min"]))
 
-    fixed = best_fixed_choice(labels_file)
-    fixed_source = "labels" if fixed else "default (linear 0.5: no labels table)"
-    fixed = fixed or ("linear", {"weight": 0.5})
-    choice = None
-    try:
-        choice = simmerge_choice(problem, predictor_file, features_file, n_probes=int(cfg["n_probes"]))
-    except (ValueError, KeyError) as exc:  # a predictor trained on another catalogue's features
-        choice_error = str(exc)
+    oracle = None
+    choice_info: dict[str, Any] = {}
+    if tables is not None:
+        try:
+            choice_info = heldout_choice(tables, a, b, family=family, seed=seed)
+        except (ValueError, KeyError) as exc:
+            choice_info = {"error": str(exc)}
+        oracle = label_oracle(tables[1], a, b)
+    if "choice" in choice_info:
+        fixed, fixed_source = choice_info["fixed"], "best fixed of the pairs without these experts"
+        choice, choice_source = choice_info["choice"], "predictor trained without these experts and siblings"
     else:
-        choice_error = None
-    reason = f": {choice_error}" if choice_error else ""
-    choice_source = "predictor" if choice else f"best fixed (no usable predictor{reason})"
-    choice = choice or fixed
+        fixed = best_fixed_choice(labels_file)
+        fixed_source = "labels" if fixed else "default (linear 0.5: no labels table)"
+        fixed = fixed or ("linear", {"weight": 0.5})
+        choice = None
+        choice_error = choice_info.get("error")
+        if choice_error is None:
+            try:
+                choice = simmerge_choice(problem, predictor_file, features_file, n_probes=int(cfg["n_probes"]))
+            except (ValueError, KeyError) as exc:  # a predictor trained on another catalogue's features
+                choice_error = str(exc)
+        reason = f": {choice_error}" if choice_error else ""
+        choice_source = "predictor" if choice else f"best fixed (no usable predictor{reason})"
+        choice = choice or fixed
     base_rows = []
-    for name, (method, params), source in (("best_fixed", fixed, fixed_source),
-                                          ("simmerge_choice", choice, choice_source)):
+    candidates = [("best_fixed", fixed, fixed_source), ("simmerge_choice", choice, choice_source)]
+    if oracle is not None:
+        candidates.append(("label_oracle", oracle[:2], f"the label grid's best for this pair ({oracle[2]:.3f} at "
+                                                        f"n = {int(tables[1].n_eval.iloc[0])})"))
+    for name, (method, params), source in candidates:
         recipe, sp = uniform_recipe(space, method, params)
         base_rows.append({"baseline": name, "method": method, "parameters": json.dumps(params, sort_keys=True),
                           "source": source, "quality": problem.quality(recipe, n_full),
                           **{f"task:{t}": v for t, v in problem.normalized(recipe, n_full).items()}, "params": sp})
     baselines = pd.DataFrame(base_rows)
-    warm = [baselines.params.iloc[1]]
+    warm = [baselines.params.iloc[1], baselines.params.iloc[0]]
 
-    real = {
-        "tpe+hyperband": run_search(space, int(cfg["real_trials"]), problem=problem, sampler="tpe",
-                                    fidelities=rungs, pruner="hyperband", seed=seed, warm_start=warm,
-                                    progress=progress),
-        "nsga2 (tasks)": run_search(space, int(cfg["nsga_trials"]), problem=problem, sampler="nsga2",
-                                    objectives="tasks", fidelities=(n_full,), seed=seed + 1, warm_start=warm,
-                                    progress=progress),
-        "tpe (depth)": run_search(problem.depth_space(), int(cfg["depth_trials"]), problem=problem, sampler="tpe",
-                                  fidelities=(n_full,), seed=seed + 2, progress=progress,
-                                  warm_start=[problem.depth_space().identity_params(a)]),
-    }
+    real = {"tpe+hyperband": run_search(space, int(cfg["real_trials"]), problem=problem, sampler="tpe",
+                                        fidelities=rungs, pruner="hyperband", seed=seed, warm_start=warm,
+                                        progress=progress)}
+    if detailed:
+        real["nsga2 (tasks)"] = run_search(space, int(cfg["nsga_trials"]), problem=problem, sampler="nsga2",
+                                           objectives="tasks", fidelities=(n_full,), seed=seed + 1, warm_start=warm,
+                                           progress=progress)
+    real["tpe (depth)"] = run_search(problem.depth_space(), int(cfg["depth_trials"]), problem=problem, sampler="tpe",
+                                     fidelities=(n_full,), seed=seed + 2, progress=progress,
+                                     warm_start=[problem.depth_space().identity_params(a)])
+    search_evaluations, search_examples = problem.evaluations, problem.examples
     # Distinct seeds per run: equal seeds would replay the same random start-up configurations (cache hits).
     collected = collect_samples(problem, space, int(cfg["samples"]), n_full, seed=seed + 3, progress=progress)
-    from_runs = [samples_from_trials(real[k].trials, problem) for k in ("tpe+hyperband", "nsga2 (tasks)")]
+    from_runs = [samples_from_trials(r.trials, problem) for k, r in real.items() if r.space.kind == "layerwise"]
     samples = pd.concat([collected, *from_runs], ignore_index=True)
     metrics = surrogate_quality(samples, space, seed=seed, n_estimators=int(cfg["trees"]))
     surrogate = fit_surrogate(samples, space, seed=seed, n_estimators=int(cfg["trees"]))
-    comparison = compare_on_surrogate(surrogate, COMPARED, int(cfg["surrogate_trials"]), seeds=cfg["seeds"],
-                                      progress=progress)
-    winners = best_configs(comparison)
+    comparison = pd.DataFrame(columns=["sampler", "seed", "number", "value", "best_so_far", "state", "params"])
     vrows = []
-    for row in winners.itertuples():
-        recipe = space.from_params(row.params)
-        vrows.append({"sampler": row.sampler, "predicted": float(row.value), "quality": problem.quality(recipe, n_full),
-                      "params": row.params})
-    verified = pd.DataFrame(vrows)
+    if detailed:
+        comparison = compare_on_surrogate(surrogate, COMPARED, int(cfg["surrogate_trials"]), seeds=cfg["seeds"],
+                                          progress=progress)
+        for row in best_configs(comparison).itertuples():
+            recipe = space.from_params(row.params)
+            vrows.append({"sampler": row.sampler, "predicted": float(row.value),
+                          "quality": problem.quality(recipe, n_full), "params": row.params})
+    verified = pd.DataFrame(vrows, columns=["sampler", "predicted", "quality", "params"])
 
     board = [{"source": f"real {k}", "kind": r.space.kind, "quality": r.best_value, "recipe": r.best_recipe}
-             for k, r in real.items() if k != "nsga2 (tasks)"]
-    nsga = real["nsga2 (tasks)"]
-    if (nsga.trials.state == "COMPLETE").any():
-        board.append({"source": "real nsga2 (tasks)", "kind": "layerwise", "quality": nsga.best_value,
-                      "recipe": nsga.best_recipe})
+             for k, r in real.items() if (r.trials.state == "COMPLETE").any()]
     board += [{"source": f"surrogate {r.sampler}", "kind": "layerwise", "quality": float(r.quality),
                "recipe": space.from_params(r.params)} for r in verified.itertuples()]
     board += [{"source": r.baseline, "kind": "fixed operator", "quality": float(r.quality),
                "recipe": space.from_params(r.params)} for r in baselines.itertuples()]
     leaderboard = (pd.DataFrame(board).sort_values("quality", ascending=False, kind="stable", na_position="last")
                    .reset_index(drop=True))
-    searched = leaderboard[~leaderboard.source.isin(["best_fixed", "simmerge_choice"])].quality.dropna()
+    searched = leaderboard[~leaderboard.source.isin(["best_fixed", "simmerge_choice", "label_oracle"])]
+    searched = searched.dropna(subset=["quality"])
+    best_row = searched.iloc[0] if len(searched) else None
+
+    from .tasks import SPLIT_SIZES
+
+    heldout: dict[str, float | None] = {}
+    stop = SPLIT_SIZES["eval"]
+    if cat.evaluator is None and n_full < stop:
+        if best_row is not None:
+            heldout["best_found"] = problem.heldout_quality(best_row.recipe, n_full, stop)
+        depth = real["tpe (depth)"]
+        if (depth.trials.state == "COMPLETE").any():
+            heldout["best_depth"] = problem.heldout_quality(depth.best_recipe, n_full, stop)
+        for r in baselines.itertuples():
+            heldout[r.baseline] = problem.heldout_quality(space.from_params(r.params), n_full, stop)
+    hq = {k: _finite(v) for k, v in heldout.items()}
     summary = {
         "profile": profile, "catalogue": cat.name, "pair": f"{a}|{b}", "tasks": list(problem.tasks),
         "n_eval": n_full, "fidelities": rungs,
         "trials": int(sum(len(r.trials) for r in real.values()) + len(collected)),
         "surrogate_trials": int(len(comparison)),
         "real_evaluations": int(problem.evaluations), "real_examples": int(problem.examples),
-        "best_found_quality": round(float(searched.max()), 4) if len(searched) else None,
-        "best_found_by": str(leaderboard.loc[searched.idxmax(), "source"]) if len(searched) else None,
+        "search_evaluations": int(search_evaluations), "search_examples": int(search_examples),
+        "best_found_quality": round(float(best_row.quality), 4) if best_row is not None else None,
+        "best_found_by": str(best_row.source) if best_row is not None else None,
         "simmerge_choice_quality": _finite(baselines.quality.iloc[1]),
         "best_fixed_quality": _finite(baselines.quality.iloc[0]),
+        "label_oracle_quality": _finite(baselines.quality.iloc[2]) if len(baselines) > 2 else None,
+        "label_oracle_labelled": round(oracle[2], 4) if oracle is not None else None,
         "simmerge_choice": f"{choice[0]} {json.dumps(choice[1], sort_keys=True)}",
-        "simmerge_choice_source": choice_source,
+        "simmerge_choice_source": choice_source, "simmerge_choice_abstains": choice_info.get("abstain"),
         "best_fixed": f"{fixed[0]} {json.dumps(fixed[1], sort_keys=True)}", "best_fixed_source": fixed_source,
+        "heldout_examples": [n_full, stop] if heldout else None, "heldout_quality": hq,
+        "heldout_examples_decoded": int(problem.heldout_examples),
         # NaN (e.g. τ of a constant held-out set) becomes null: the benchmark JSON stays strict JSON
         "surrogate_r2": _finite(metrics["r2"]), "surrogate_kendall_tau": _finite(metrics["kendall_tau"]),
-        "surrogate_samples": int(len(samples)),
-        "pareto_size": int(len(nsga.pareto())),
-        "real_best": {k: round(r.best_value, 4) for k, r in real.items()},
+        "surrogate_samples": int(len(samples)), "surrogate_test": int(metrics["n_test"]),
+        "pareto_size": int(len(real["nsga2 (tasks)"].pareto())) if "nsga2 (tasks)" in real else None,
+        "real_best": {k: round(r.best_value, 4) for k, r in real.items() if (r.trials.state == "COMPLETE").any()},
         "surrogate_winner_quality": {r.sampler: round(float(r.quality), 4) for r in verified.itertuples()},
         "pruned_trials": int((real["tpe+hyperband"].trials.state == "PRUNED").sum()),
         "seconds": round(time.perf_counter() - start, 1),
     }
     return Experiment(problem, cfg, real, samples, metrics, surrogate, comparison, verified, baselines, leaderboard,
                       summary)
+
+
+def pair_study(catalogue: Catalogue | str | Path, profile: str, pairs: Sequence[tuple[str, str]],
+               tables: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None] | None = None, seed: int = 0,
+               progress: bool = False, family: str = "forest", detailed_first: bool = True, **overrides: Any
+               ) -> tuple[list[Experiment], pd.DataFrame]:
+    """:func:`run_experiment` on each pair (the first one ``detailed``: NSGA-II and the optimizers on the surrogate;
+    the others the searches the comparison needs), and one row per pair: in-sample and held-out quality of the best
+    recipe found, of the SimMerge choice, the best fixed candidate and the label oracle, the search's real-merge
+    budget, and the surrogate's held-out R² and Kendall τ."""
+    experiments, rows = [], []
+    for i, pair in enumerate(pairs):
+        exp = run_experiment(catalogue, profile, pair=tuple(pair), seed=seed, progress=progress, tables=tables,
+                             detailed=detailed_first and i == 0, family=family, **overrides)
+        experiments.append(exp)
+        s, h = exp.summary, exp.summary["heldout_quality"]
+        rows.append({"pair": s["pair"], "best_found_by": s["best_found_by"], "best_found": s["best_found_quality"],
+                     "simmerge_choice": s["simmerge_choice_quality"], "best_fixed": s["best_fixed_quality"],
+                     "label_oracle": s["label_oracle_quality"], "heldout_best_found": h.get("best_found"),
+                     "heldout_best_depth": h.get("best_depth"), "heldout_simmerge_choice": h.get("simmerge_choice"),
+                     "heldout_best_fixed": h.get("best_fixed"), "heldout_label_oracle": h.get("label_oracle"),
+                     "choice": s["simmerge_choice"], "search_evaluations": s["search_evaluations"],
+                     "search_examples": s["search_examples"], "surrogate_r2": s["surrogate_r2"],
+                     "surrogate_kendall_tau": s["surrogate_kendall_tau"], "surrogate_samples": s["surrogate_samples"],
+                     "seconds": s["seconds"]})
+    return experiments, pd.DataFrame(rows)
+
+
+def pair_study_summary(table: pd.DataFrame) -> dict[str, Any]:
+    """The claims of the pair study: on how many pairs the best recipe found matched or beat the SimMerge choice
+    (on the search's examples, where the warm start guarantees it, and on held-out examples, where nothing does),
+    the mean held-out gains over the choice and over the best fixed candidate, the search budget and the surrogate's
+    mean held-out Kendall τ."""
+    def share(x: pd.Series, y: pd.Series) -> str:
+        ok = (x >= y - 1e-9)[x.notna() & y.notna()]
+        return f"{int(ok.sum())}/{len(ok)}"
+
+    return {"pairs": int(len(table)),
+            "best_found_ge_choice": share(table.best_found, table.simmerge_choice),
+            "heldout_best_found_ge_choice": share(table.heldout_best_found, table.heldout_simmerge_choice),
+            "heldout_gain_over_choice": _finite((table.heldout_best_found - table.heldout_simmerge_choice).mean()),
+            "heldout_gain_over_fixed": _finite((table.heldout_best_found - table.heldout_best_fixed).mean()),
+            "heldout_choice_minus_fixed": _finite((table.heldout_simmerge_choice - table.heldout_best_fixed).mean()),
+            "heldout_oracle_minus_found": _finite((table.heldout_label_oracle - table.heldout_best_found).mean()),
+            "search_evaluations_per_pair": _finite(table.search_evaluations.mean(), 1),
+            "search_examples_per_pair": _finite(table.search_examples.mean(), 1),
+            "mean_kendall_tau": _finite(table.surrogate_kendall_tau.mean()),
+            "min_kendall_tau": _finite(table.surrogate_kendall_tau.min()),
+            "mean_r2": _finite(table.surrogate_r2.mean())}
 
 
 # ============================================================================================ command line

@@ -262,3 +262,62 @@ def test_bandit_command(tmp_path, monkeypatch, capsys):
     assert main(["bandit", "--profile", "synthetic", "--seeds", "2", "--horizon", "200"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["seeds"] == 2 and set(out["policies"]) >= {"linucb", "hybrid", "thompson", "best_fixed", "random"}
+
+
+def _runs(curves: dict[str, list[float]]) -> pd.DataFrame:
+    """A one-seed runs frame from per-request regrets."""
+    frames = [pd.DataFrame({"policy": p, "seed": 0, "t": np.arange(len(r)), "regret": r, "reward": 1 - np.asarray(r),
+                            "cum_regret": np.cumsum(r)}) for p, r in curves.items()]
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_crossing_time_is_where_a_learner_passes_the_fixed_arm_for_good():
+    runs = _runs({"best_fixed": [0.5] * 10,
+                  "learner": [1, 1, 1, 0, 0, 0, 0, 0, 0, 0],  # cumulative 3 from t = 2: below 0.5 (t + 1) from t = 6
+                  "late": [0, 0, 0, 2, 0, 0, 0, 0, 0, 0],  # below, level at t = 3 (2 = 2), below again from t = 4
+                  "behind": [0, 0, 0, 0, 0, 0, 0, 0, 0, 6]})  # ahead all along, behind at the end
+    assert B.crossing_time(runs, "learner") == 6
+    assert B.crossing_time(runs, "late") == 4  # the first stretch below does not count
+    assert B.crossing_time(runs, "behind") is None
+    summary = B.summarize_runs(runs, B.Scenario(horizon=10))
+    assert summary["policies"]["learner"]["crossing_best_fixed"] == 6
+    assert "crossing_best_fixed" not in summary["policies"]["best_fixed"]
+    # the last quarter of 10 requests: t = 7, 8, 9
+    assert summary["policies"]["behind"]["last_quarter_regret"]["mean"] == pytest.approx(2.0)
+    assert summary["policies"]["learner"]["last_quarter_regret"]["mean"] == 0.0
+
+
+def test_scenario_for_keeps_every_event_the_table_allows():
+    features, labels = B.synthetic_tables(seed=0)
+    data = B.replay_data(features, labels)
+    full = B.scenario_for(data, horizon=400, seed=0)
+    assert [ev.kind for ev in full.events] == ["operator", "task", "experts"]
+    assert full == B.make_scenario(data, 400, new_task="auto", new_experts=2, seed=0)
+    # three tasks, one expert each, one base: withholding a task and two experts leaves no pair at the start
+    small_f, small_l = B.synthetic_tables(n_bases=1, tasks=("reverse", "sort", "max"), experts_per_task=1,
+                                          cross_base_pairs=0, seed=0)
+    small = B.replay_data(small_f, small_l)
+    with pytest.raises(ValueError, match="available before the events"):
+        B.make_scenario(small, 200, new_experts=2)
+    kept = B.scenario_for(small, horizon=200, seed=0)
+    assert "operator" in [ev.kind for ev in kept.events] and "experts" not in [ev.kind for ev in kept.events]
+    assert (kept.enter_time(len(small.pairs)) == 0).sum() >= 3
+    with pytest.raises(ValueError, match="not among"):
+        B.scenario_for(data, new_operator="breadcrumbs")
+
+
+def test_registry_labels_are_collected_once(tiny_catalogue, tmp_path):
+    from simmerge_lib.catalogue import Catalogue
+
+    catalogue = Catalogue.load(tiny_catalogue)
+    labels = pd.DataFrame({"a": ["base0-reverse", "base0-sort"], "b": ["base0-sort", "base0-reverse"],
+                           "n_eval": 3, "seed": 0})
+    out = tmp_path / "registry.parquet"
+    first = B.registry_labels(catalogue, labels, ["della"], out=out)
+    assert set(first.method) == {"della"} and (first.n_eval == 3).all()
+    assert {(a, b) for a, b in zip(first.a, first.b)} == {("base0-reverse", "base0-sort")}  # one row set per pair
+    assert set(first.task) == {"reverse", "sort"}
+    stamp = out.stat().st_mtime_ns
+    again = B.registry_labels(catalogue, labels, ["della"], out=out)
+    pd.testing.assert_frame_equal(first.reset_index(drop=True), again.reset_index(drop=True))
+    assert out.stat().st_mtime_ns == stamp  # nothing merged, nothing written

@@ -194,3 +194,44 @@ def test_run_experiment_end_to_end_and_cli_errors(tiny_catalogue, monkeypatch, t
     assert exp.best().quality == exp.leaderboard.quality.max()
     assert cli.main(["search", "--catalogue", str(tmp_path), "--profile", "smoke"]) == 2
     assert "no catalogue.json" in capsys.readouterr().err
+
+
+def test_pair_study_scores_the_winner_on_examples_the_search_never_saw(tiny_catalogue, monkeypatch):
+    """The SimMerge choice comes from a predictor that never trained on the pair's experts or their siblings; the
+    search is warm-started with it (in-sample it can only match or beat it); the winner and the baselines are then
+    re-scored on the eval examples after the search's, with the real evaluator."""
+    from simmerge_lib import evaluate, search
+    from simmerge_lib.predictor import synthetic_tables
+
+    monkeypatch.setattr(evaluate, "resolve_evaluator", lambda spec: _fake_evaluator)
+    tables = synthetic_tables(n_tasks=3)
+    choice = search.heldout_choice(tables, "base0-reverse", "base0-sort", family="ridge")
+    assert choice["train_pairs"] >= 2 and choice["choice"][0] in {"linear", "task_arithmetic", "ties"}
+    assert search.label_oracle(tables[1], "base0-reverse", "base0-sort")[2] > 0
+    exps, table = search.pair_study(tiny_catalogue, "smoke", [("base0-reverse", "base0-sort"), ("base1-sort", "base1-max")],
+                                    tables=tables, family="ridge", real_trials=4, nsga_trials=3, depth_trials=3,
+                                    samples=6, surrogate_trials=5, n_eval=8, n_min=4)
+    assert list(table.pair) == ["base0-reverse|base0-sort", "base1-sort|base1-max"]
+    first, second = (e.summary for e in exps)
+    assert first["pareto_size"] is not None and second["pareto_size"] is None  # only the first is detailed
+    assert "without these experts" in first["simmerge_choice_source"]
+    assert (table.best_found >= table.simmerge_choice - 1e-9).all()
+    for s in (first, second):
+        assert s["heldout_examples"] == [8, 512]
+        assert set(s["heldout_quality"]) >= {"best_found", "simmerge_choice", "best_fixed", "label_oracle"}
+        assert s["heldout_examples_decoded"] > 0 and s["search_examples"] <= s["real_examples"]
+    summary = search.pair_study_summary(table)
+    assert summary["pairs"] == 2 and summary["best_found_ge_choice"] == "2/2"
+
+
+def test_hyperband_search_is_reproducible(tiny_catalogue):
+    # Hyperband's brackets hash the study name: a random default name made one seed prune different trials
+    runs = []
+    for _ in range(2):
+        problem = MergeProblem(tiny_catalogue, "base0-reverse", "base0-sort")
+        problem.evaluator = _fake_evaluator
+        runs.append(run_search(problem.layerwise_space(), 12, problem=problem, sampler="tpe",
+                               fidelities=fidelity_schedule(16, 2), pruner="hyperband", seed=0, n_startup=4).trials)
+    assert (runs[0].state == "PRUNED").any()
+    pd.testing.assert_frame_equal(runs[0].drop(columns="params"), runs[1].drop(columns="params"))
+    assert list(runs[0].params) == list(runs[1].params)

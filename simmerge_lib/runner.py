@@ -255,11 +255,12 @@ class Progress:
                 self._announce()
             elif now - self._last_print >= self.heartbeat_s:
                 live = [b for b in self._bars.values() if not b.done]
-                if live:
+                if live and self.bar_line(live[-1].container) != live[-1].last_text:
                     self._print_bar(live[-1])
-                else:
+                else:  # no bar, or one that stopped moving (a bar tqdm hides on close never reports its end)
                     minutes, seconds = divmod(int(now - start), 60)
-                    self._print(f"cell {k}/{n} still running ({minutes}:{seconds:02d})")
+                    last = f" — last bar: {live[-1].last_text}" if live and live[-1].last_text else ""
+                    self._print(f"cell {k}/{n} still running ({minutes}:{seconds:02d}){last}")
 
 
 class _Ticker:

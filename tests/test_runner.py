@@ -113,9 +113,15 @@ def test_heartbeat_shows_the_live_bar():
     tqdm_widgets(progress, total=100)
     clock.now = 3.0
     tqdm_step(progress, 1, total=100, desc="labels")
-    clock.now = 40.0  # the bar has not moved for 37 s
+    clock.now = 12.0
+    tqdm_step(progress, 2, total=100, desc="labels")  # moved, but within bar_every_s of the last line: not drawn
+    clock.now = 40.0
     progress.tick()
-    assert out.getvalue().splitlines()[-1].strip().startswith("labels: 1% [")
+    assert out.getvalue().splitlines()[-1].strip().startswith("labels: 2% [")
+    clock.now = 70.0  # the bar has not moved since: the heartbeat says the cell still runs, with the bar's state
+    progress.tick()
+    last = out.getvalue().splitlines()[-1].strip()
+    assert last.startswith("cell 2/5 still running (1:10)") and "labels: 2% [" in last
 
 
 def test_stderr_is_noted_once_per_cell_and_listed_at_the_end():

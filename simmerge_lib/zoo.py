@@ -430,8 +430,8 @@ def build_catalogue(profile: str = "default", root: str | Path | None = None, fo
     Cached in ``root`` (default ``build/zoo/<profile>``) keyed by the recipe hash: a matching cache is returned at
     once; a different recipe rebuilds; checkpoints already finished for this recipe are kept (resume).
     ``workers`` checkpoints train at once in separate processes, one torch thread each (default: one per core;
-    ``1`` trains in this process); an expert starts as soon as its base is saved. The checkpoints do not depend on
-    ``workers``."""
+    ``1`` trains in this process; with fewer bases than workers the bases train first, in this process, on all its
+    threads); an expert starts as soon as its base is saved. The checkpoints do not depend on ``workers``."""
     recipe = recipe or recipe_for_profile(profile)
     workers = max(1, int(workers or os.cpu_count() or 1))
     root = Path(root) if root else catalogue_dir(profile)
@@ -516,11 +516,20 @@ def _build_catalogue_locked(recipe: ZooRecipe, root: Path, force: bool, progress
     if workers > 1:
         import multiprocessing as mp
 
+        # Fewer bases than workers: a lone base would train on one core while the others idle, so the bases train
+        # here, on every thread (the weights do not depend on the thread count: tests/test_zoo.py checks it).
+        early = recipe.n_bases < workers
+        for b, _ in units[:recipe.n_bases] if early else []:
+            bar.set_postfix_str(f"base{b}")
+            cards[(b, None)] = _train_checkpoint(recipe, root, b, None)
+            bar.update()
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method),
                                  initializer=_one_thread) as pool:
             # An expert needs its base on disk: submit a base's experts when the base is done.
-            futures = {pool.submit(_train_checkpoint, recipe, root, b, None): (b, None) for b, _ in units[:recipe.n_bases]}
+            first = [(b, k) for b in range(recipe.n_bases) for k in range(len(recipe.experts))] if early else [
+                (b, None) for b in range(recipe.n_bases)]
+            futures = {pool.submit(_train_checkpoint, recipe, root, b, j): (b, j) for b, j in first}
             while futures:
                 done = next(as_completed(futures))
                 b, j = futures.pop(done)

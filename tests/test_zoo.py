@@ -123,6 +123,30 @@ def test_parallel_build_trains_the_same_checkpoints(micro, tmp_path):
     assert weights.stat().st_mtime_ns == mtime
 
 
+def test_lone_base_trains_in_the_parent_on_every_thread(micro, tmp_path):
+    """Fewer bases than workers: the base trains in this process (all its threads), the experts in workers (one
+    thread each); the checkpoints are bitwise those of the serial build, because the weights do not depend on the
+    thread count."""
+    from simmerge_lib.checkpoint import load_state_dict
+    from simmerge_lib.tokenizer import build_tokenizer
+    from simmerge_lib.zoo import train_base
+
+    threads = torch.get_num_threads()
+    try:
+        weights = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            weights.append(train_base(MICRO, 0, build_tokenizer())[0].state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    recipe = dataclasses.replace(MICRO, n_bases=1)
+    lone = build_catalogue("micro", root=tmp_path, recipe=recipe, progress=False, workers=2)
+    for name in ("base0", "base0-max", "base0-reverse"):
+        got, want = load_state_dict(lone.path(name)), load_state_dict(micro.path(name))
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+
+
 def test_trainable_filters():
     names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight", "lm_head.weight",
              "model.embed_tokens.weight"]

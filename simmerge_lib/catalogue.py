@@ -22,9 +22,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import pandas as pd
 
@@ -32,6 +33,29 @@ from .checkpoint import write_json_atomic
 
 CATALOGUE_FILE = "catalogue.json"
 PairKind = Literal["same_base", "cross_base", "all"]
+_Key = TypeVar("_Key", str, pd.Series)
+
+
+def pair_key(a: _Key, b: _Key) -> _Key:
+    """The key of a pair of experts, ``"a|b"`` (element-wise for two Series of names); tables write a pair in
+    catalogue order, so one pair has one key."""
+    return a + "|" + b
+
+
+def map_model_names(recipe: Mapping[str, Any], to: Callable[[str], str]) -> dict[str, Any]:
+    """A mergekit recipe (``models`` or ``slices`` form) with every model reference ``name`` replaced by
+    ``to(name)``: ``base_model``, ``tokenizer_source`` (unless ``base`` or ``union``), each entry of ``models``
+    (a mapping's ``model`` or a bare name) and each slice source's ``model``."""
+    out = dict(recipe)
+    for key in ("base_model", "tokenizer_source"):
+        if isinstance(out.get(key), str) and out[key] not in ("base", "union"):
+            out[key] = to(out[key])
+    if "models" in out:
+        out["models"] = [{**m, "model": to(m["model"])} if isinstance(m, Mapping) else to(m) for m in out["models"]]
+    if "slices" in out:
+        out["slices"] = [{**s, "sources": [{**src, "model": to(src["model"])} for src in s["sources"]]}
+                         for s in out["slices"]]
+    return out
 
 
 @dataclass
@@ -115,6 +139,11 @@ class Catalogue:
         """Absolute folder of a model."""
         p = Path(self.entry(name).path)
         return p if p.is_absolute() else self.root / p
+
+    def with_paths(self, recipe: Mapping[str, Any], absolute: bool = False) -> dict[str, Any]:
+        """``recipe`` with its model names replaced by their folders (as written in the catalogue, i.e. relative
+        to :attr:`root` for the kit's own models, or absolute with ``absolute``); see :func:`map_model_names`."""
+        return map_model_names(recipe, (lambda n: str(self.path(n))) if absolute else (lambda n: self.entry(n).path))
 
     def bases(self) -> list[ModelEntry]:
         return [m for m in self.models if m.role == "base"]

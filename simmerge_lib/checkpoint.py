@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,28 @@ from safetensors import safe_open
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CARD_FILE = "simmerge_card.json"
+
+
+#: A decoder layer inside a tensor name: ``model.layers.3.``, ``transformer.h.3.``, ``blocks.3.`` (group 1: the index).
+LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """Decoder layer of a tensor name (``model.layers.3.mlp.up_proj.weight`` -> 3); None outside the layers."""
+    match = LAYER_PATTERN.search(name)
+    return int(match.group(1)) if match else None
+
+
+def tensor_group(name: str) -> str | None:
+    """The group of a tensor name: ``attn``, ``mlp``, ``embed`` (embeddings and output head) or None (norms...)."""
+    low = name.lower()
+    if "embed" in low or "lm_head" in low or low.startswith(("wte", "wpe")) or ".wte." in low or ".wpe." in low:
+        return "embed"
+    if "attn" in low or "attention" in low:
+        return "attn"
+    if "mlp" in low or "feed_forward" in low or "ffn" in low or "experts" in low:
+        return "mlp"
+    return None
 
 
 class CheckpointError(ValueError):

@@ -50,6 +50,7 @@ from .kernels import is_exact, round_
 from .operators import (Operator, infer_layer_count, layer_index, layer_t, merge_tensor, resolve_params, with_layer,
                         work_dtype)
 from .operators import compute_dtype as promoted_dtype
+from .documents import is_multi_document, read_documents, resolve_references
 from .recipe import DTYPES, ModelSpec, Recipe, RecipeError, SliceInputs
 from .vocab import VocabPlan, is_vocab_tensor, plan_vocab
 
@@ -985,8 +986,34 @@ def merge_in_memory(recipe: Recipe, compute_dtype: str | None = None) -> dict[st
 
 
 # --- command line ---------------------------------------------------------------------------------------------
+def merge_multi(path: str | os.PathLike[str], out: str | os.PathLike[str], keep_steps: bool = False,
+                force: bool = False, resume: bool = False, **engine_kwargs: Any) -> Path:
+    """Execute a multi-document recipe with the streaming engine: each document in order, ``@name`` references
+    resolved to the earlier outputs, intermediates under ``.OUT.steps/`` (removed unless ``keep_steps``), the last
+    document into ``out``. ``resume`` keeps finished intermediate steps of an interrupted run."""
+    path, out = Path(path), Path(out)
+    docs = read_documents(path)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out}: already exists (pass --force to overwrite)")
+    steps_dir = out.parent / f".{out.name}.steps"
+    outputs: dict[str, str] = {}
+    for i, doc in enumerate(docs, start=1):
+        name = doc.pop("name", f"step{i}")
+        resolved = resolve_references(doc, outputs)
+        recipe = Recipe.from_dict(resolved, root=path.resolve().parent, source=f"{path} (document {i}: {name})")
+        last = i == len(docs)
+        target = out if last else steps_dir / name
+        if not last and resume and target.is_dir() and (target / "config.json").is_file():
+            outputs[name] = str(target.resolve())
+            continue
+        merge(recipe, target, force=force if last else True, resume=resume, **engine_kwargs)
+        outputs[name] = str(target.resolve())
+    if not keep_steps and steps_dir.exists():
+        shutil.rmtree(steps_dir)
+    return out
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .planner import is_multi_document, merge_multi
 
     if is_multi_document(args.recipe):  # a multi-step plan (chapter 05): one document per step, "@name" references
         out = merge_multi(args.recipe, args.out, force=args.force, resume=args.resume, device=args.device,

@@ -114,11 +114,16 @@ def kth_largest_abs(x: Tensor, k: int) -> tuple[float, int, int]:
     return v, higher + higher_low, int(low[low_bits])
 
 
+def kept_count(density: float, n: int) -> int:
+    """How many of ``n`` entries a trim at ``density`` keeps: ``k = max(1, int(density * n))`` (mergekit's count,
+    used by TIES's trim and by the structural features that describe it)."""
+    return min(n, max(1, int(density * n)))
+
+
 def ties_threshold(tau: Tensor, density: float) -> float:
-    """Smallest magnitude TIES keeps, as the structural features count it: the k-th largest ``|tau|`` with
-    ``k = max(1, ceil(density * numel))`` (every entry tied with it counts as kept; NaN never counts)."""
-    k = max(1, math.ceil(density * tau.numel()))
-    return kth_largest_abs(tau, min(k, tau.numel()))[0]
+    """Smallest magnitude TIES keeps: the k-th largest ``|tau|`` with ``k = kept_count(density, numel)`` (every
+    entry tied with it counts as kept; NaN never counts)."""
+    return kth_largest_abs(tau, kept_count(density, tau.numel()))[0]
 
 
 def keep_rank_band_(x: Tensor, lo: int, hi: int) -> Tensor:

@@ -106,7 +106,7 @@ import torch
 import yaml
 
 from .catalogue import Catalogue
-from .operators import default_grid, get_operator
+from .operators import default_grid, get_operator, setting_label, setting_parameters
 from .paths import build_path
 
 #: Column order of the labels table (see the module docstring).
@@ -182,25 +182,6 @@ def reference_path(out: str | os.PathLike[str]) -> Path:
     """The expert reference table beside a labels file: ``<out>.experts.parquet``."""
     out = Path(out)
     return out.with_name(out.name.removesuffix(".parquet") + ".experts.parquet")
-
-
-def setting_label(setting: Mapping[str, Any]) -> str:
-    """A short stable string for a grid point: keys sorted, numbers with ``%g`` (``density=0.2,weight=0.5``)."""
-    def fmt(v: Any) -> str:
-        return f"{v:g}" if isinstance(v, float) else str(v)
-
-    return ",".join(f"{k}={fmt(setting[k])}" for k in sorted(setting)) or "default"
-
-
-def setting_parameters(label: str) -> dict[str, float]:
-    """The parameters of a setting label, the inverse of :func:`setting_label` (``"density=0.2,weight=0.5"`` →
-    ``{"density": 0.2, "weight": 0.5}``; ``"default"`` → ``{}``)."""
-    if label in ("", "default"):
-        return {}
-    try:
-        return {k: float(v) for k, v in (part.split("=", 1) for part in label.split(","))}
-    except ValueError:
-        raise ValueError(f"not a setting label: {label!r} (expected 'name=value,...')") from None
 
 
 def _digest(data: Any) -> str:

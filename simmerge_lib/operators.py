@@ -33,6 +33,7 @@ A model's own parameters take precedence over its slice's, which take precedence
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import zlib
@@ -43,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .kernels import BLOCK, RankCut, blocks, is_exact, keep_rank_band_, round_, round_scalar
+from .kernels import BLOCK, RankCut, blocks, is_exact, keep_rank_band_, kept_count, round_, round_scalar
 
 #: One tensor's parameters: name -> resolved scalar value.
 Params = dict[str, Any]
@@ -214,6 +215,67 @@ def default_grid(methods: Sequence[str] | None = None) -> dict[str, list[dict[st
     return {n: [dict(s) for s in get_operator(n).grid] for n in names if get_operator(n).grid}
 
 
+def setting_label(setting: Mapping[str, Any]) -> str:
+    """A short stable string for a grid point: keys sorted, numbers with ``%g`` (``density=0.2,weight=0.5``)."""
+    def fmt(v: Any) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    return ",".join(f"{k}={fmt(setting[k])}" for k in sorted(setting)) or "default"
+
+
+def setting_parameters(label: str) -> dict[str, float]:
+    """The parameters of a setting label, the inverse of :func:`setting_label` (``"density=0.2,weight=0.5"`` →
+    ``{"density": 0.2, "weight": 0.5}``; ``"default"`` → ``{}``)."""
+    if label in ("", "default"):
+        return {}
+    try:
+        return {k: float(v) for k, v in (part.split("=", 1) for part in label.split(","))}
+    except ValueError:
+        raise ValueError(f"not a setting label: {label!r} (expected 'name=value,...')") from None
+
+
+def candidate_key(method: Any, setting: Any) -> Any:
+    """``method|setting-label``: a candidate's key in tables (element-wise for two Series of strings)."""
+    return method + "|" + setting
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A merge candidate: an operator at one setting of its parameters (one grid point, as in the labels table).
+
+    The one operator × setting type of the kit: label grids, the predictor's candidates, the planner's step
+    operators, the bandit's arms and the search's per-group choices are all candidates."""
+
+    method: str
+    params: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def make(cls, method: str, setting: Mapping[str, Any] | str | None = None) -> Candidate:
+        """From a method and a setting: a dict, its JSON (the labels' ``parameters`` column) or a setting label."""
+        if isinstance(setting, str):
+            setting = (json.loads(setting) if setting.lstrip().startswith("{") else setting_parameters(setting)
+                       ) if setting else {}
+        return cls(method, tuple(sorted((str(k), float(v)) for k, v in dict(setting or {}).items())))
+
+    @property
+    def setting(self) -> dict[str, float]:
+        return dict(self.params)
+
+    @property
+    def setting_label(self) -> str:
+        return setting_label(self.setting)
+
+    @property
+    def key(self) -> str:
+        """``method|setting-label`` (:func:`candidate_key`), e.g. ``ties|density=0.5``."""
+        return candidate_key(self.method, self.setting_label)
+
+    @property
+    def label(self) -> str:
+        """``method[setting-label]``, e.g. ``ties[density=0.5]``."""
+        return f"{self.method}[{self.setting_label}]"
+
+
 def param_range(method: str, name: str) -> tuple[float, float] | None:
     """The range searched for parameter ``name`` of ``method`` (None if it is not searched)."""
     return get_operator(method).param(name).range
@@ -259,7 +321,7 @@ def trim_(tau: Tensor, density: float) -> Tensor:
         return tau
     if density <= 0:
         return tau.zero_()
-    return keep_rank_band_(tau, 0, max(1, int(density * n)))
+    return keep_rank_band_(tau, 0, kept_count(density, n))
 
 
 def outlier_trim_(tau: Tensor, density: float, gamma: float) -> Tensor:
@@ -492,7 +554,7 @@ def _task_vector_merge(tensors: list[Tensor], base: Tensor, params: list[Params]
             elif rescale:
                 trim_(tau, density)
             else:  # trim inside the fused pass below: one pass fewer over the tensor
-                cuts[i] = RankCut.at_rank(tau.view(-1), max(1, int(density * n)))
+                cuts[i] = RankCut.at_rank(tau.view(-1), kept_count(density, n))
         elif sparsify == "outliers":
             outlier_trim_(tau, density, float(p["gamma"]))
         elif sparsify == "dare":

@@ -50,7 +50,7 @@ runs them for k = 2, 3, ...; :func:`heldout_study` plans with predictors that ne
 **Multi-document recipes.** :func:`write_plan_recipe` writes one mergekit-format YAML document per step, separated by
 ``---``; each document carries a ``name`` (``step1``, ``step2``, ...) and a later step names an earlier result as
 ``"@<name>"`` (e.g. ``model: "@step1"``, also allowed in ``base_model``). ``simmerge merge plan.yml OUT`` runs
-:func:`merge_multi`: each step is merged by the streaming engine into ``.OUT.steps/<name>`` (removed at the end
+:func:`simmerge_lib.engine.merge_multi`: each step is merged by the streaming engine into ``.OUT.steps/<name>`` (removed at the end
 unless ``keep_steps``), the last document into ``OUT``.
 """
 
@@ -62,8 +62,6 @@ import json
 import math
 import os
 import random
-import re
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,17 +70,14 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from .catalogue import Catalogue
+from .catalogue import Catalogue, map_model_names
+from .documents import REF_PREFIX, write_documents
 from .labels import job_recipe, setting_label
 
 #: Plans per search at or below which :func:`plan` searches exhaustively.
 EXHAUSTIVE_LIMIT = 500
-#: How a recipe document names an earlier step's result: ``"@" + name``.
-REF_PREFIX = "@"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 # ============================================================================================ plans
@@ -926,104 +921,15 @@ def plan_documents(plan_: Plan, catalogue: Catalogue, seed: int = 0) -> list[dic
     for j, (op, e) in enumerate(zip(plan_.ops, plan_.order[1:]), start=1):
         a = plan_.order[0] if j == 1 else f"{REF_PREFIX}step{j - 1}"
         doc = step_recipe(j, a, e, base, op, seed)
-        docs.append(_map_models(doc, lambda n: n if n.startswith(REF_PREFIX) else str(catalogue.path(n).resolve())))
+        docs.append(map_model_names(doc, lambda n: n if n.startswith(REF_PREFIX) else str(catalogue.path(n).resolve())))
     return docs
-
-
-def _map_models(doc: Mapping[str, Any], fn: Callable[[str], str]) -> dict[str, Any]:
-    out = dict(doc)
-    out["models"] = [{**m, "model": fn(m["model"])} if isinstance(m, Mapping) else fn(m) for m in doc["models"]]
-    for key in ("base_model", "tokenizer_source"):
-        if isinstance(out.get(key), str) and out[key] != "base":
-            out[key] = fn(out[key])
-    return out
 
 
 def write_plan_recipe(plan_: Plan, catalogue: Catalogue, path: str | os.PathLike[str], seed: int = 0,
                       comment: str | None = None) -> Path:
     """Write the plan as a multi-document YAML recipe (atomically); ``simmerge merge`` executes it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    head = "".join(f"# {line}\n" for line in (comment or plan_.describe()).splitlines())
-    text = head + yaml.safe_dump_all(plan_documents(plan_, catalogue, seed), sort_keys=False, explicit_start=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_documents(plan_documents(plan_, catalogue, seed), path, comment or plan_.describe())
 
-
-def read_documents(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The documents of a (multi-document) recipe file, checked: names unique and well-formed, every ``@name``
-    reference naming an earlier document. A single document without ``name`` is returned as is."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: recipe file not found")
-    try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({str(exc).replace(chr(10), ' ')})") from None
-    if not docs:
-        raise ValueError(f"{path}: no recipe document")
-    seen: list[str] = []
-    for i, doc in enumerate(docs, start=1):
-        if not isinstance(doc, Mapping):
-            raise ValueError(f"{path}: document {i} is not a mapping")
-        name = doc.get("name", f"step{i}" if len(docs) > 1 else None)
-        if name is not None and (not isinstance(name, str) or not _NAME_RE.match(name)):
-            raise ValueError(f"{path}: document {i} has an invalid name {name!r} (letters, digits, _ . -)")
-        if name in seen:
-            raise ValueError(f"{path}: document {i} repeats the name {name!r}")
-        for ref in _references(doc):
-            if ref not in seen:
-                raise ValueError(f"{path}: document {i} names {REF_PREFIX}{ref}, which is not an earlier document "
-                                 f"(earlier: {seen or 'none'})")
-        seen.append(name)
-    return [dict(d) for d in docs]
-
-
-def _references(doc: Mapping[str, Any]) -> list[str]:
-    names = [m.get("model") if isinstance(m, Mapping) else m for m in doc.get("models") or []]
-    names += [doc.get("base_model"), doc.get("tokenizer_source")]
-    return [n[len(REF_PREFIX):] for n in names if isinstance(n, str) and n.startswith(REF_PREFIX)]
-
-
-def is_multi_document(path: str | os.PathLike[str]) -> bool:
-    """Whether a recipe file holds several documents (or a named one): then :func:`merge_multi` runs it."""
-    try:
-        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
-    except (OSError, yaml.YAMLError):
-        return False  # let the single-recipe path report the problem
-    return len(docs) > 1 or (len(docs) == 1 and isinstance(docs[0], Mapping) and "name" in docs[0])
-
-
-def merge_multi(path: str | os.PathLike[str], out: str | os.PathLike[str], keep_steps: bool = False,
-                force: bool = False, resume: bool = False, **engine_kwargs: Any) -> Path:
-    """Execute a multi-document recipe with the streaming engine: each document in order, ``@name`` references
-    resolved to the earlier outputs, intermediates under ``.OUT.steps/`` (removed unless ``keep_steps``), the last
-    document into ``out``. ``resume`` keeps finished intermediate steps of an interrupted run."""
-    from .engine import merge
-    from .recipe import Recipe
-
-    path, out = Path(path), Path(out)
-    docs = read_documents(path)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out}: already exists (pass --force to overwrite)")
-    steps_dir = out.parent / f".{out.name}.steps"
-    outputs: dict[str, str] = {}
-    for i, doc in enumerate(docs, start=1):
-        name = doc.pop("name", f"step{i}")
-        resolved = _map_models(doc, lambda n: outputs[n[len(REF_PREFIX):]] if n.startswith(REF_PREFIX) else n)
-        recipe = Recipe.from_dict(resolved, root=path.resolve().parent, source=f"{path} (document {i}: {name})")
-        last = i == len(docs)
-        target = out if last else steps_dir / name
-        if not last and resume and target.is_dir() and (target / "config.json").is_file():
-            outputs[name] = str(target.resolve())
-            continue
-        merge(recipe, target, force=force if last else True, resume=resume, **engine_kwargs)
-        outputs[name] = str(target.resolve())
-    if not keep_steps and steps_dir.exists():
-        shutil.rmtree(steps_dir)
-    return out
 
 
 # ============================================================================================ the command

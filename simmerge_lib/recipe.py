@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import yaml
 
-from .operators import Operator, get_operator
+from .operators import Operator, get_operator, merge_state_dicts
 
 TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
                   "tokenizer_source")
@@ -250,6 +250,17 @@ class Recipe:
         if not path.is_absolute() and self.root is not None:
             path = self.root / path
         return path
+
+    def merge_states(self, state: Callable[[str], Mapping[str, torch.Tensor]], layer_count: int | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """Merge a ``models`` recipe in memory: model names resolved by ``state(name) -> state dict``, inputs and
+        base read as :meth:`merge_inputs` says (mergekit's reading), the engine's operator code, the recipe's
+        compute and output dtypes. The one in-memory merge of the kit (labels, planner, search use it)."""
+        specs, base_spec = self.merge_inputs()
+        base = state(base_spec.model) if (base_spec is not None and get_operator(self.merge_method).needs_base) else None
+        return merge_state_dicts(self.merge_method, [dict(state(s.model)) for s in specs],
+                                 dict(base) if base is not None else None, [dict(s.parameters) for s in specs],
+                                 self.parameters, layer_count, out_dtype=self.output_dtype(), dtype=self.compute_dtype())
 
     def merge_inputs(self) -> tuple[list[ModelSpec], ModelSpec | None]:
         """(inputs besides the base, base) of a ``models`` recipe as the operators see them, following mergekit: a

@@ -10,9 +10,9 @@ import torch
 
 from simmerge_lib.catalogue import Catalogue
 from simmerge_lib.checkpoint import load_state_dict
+from simmerge_lib.documents import is_multi_document, read_documents
 from simmerge_lib.planner import (OpChoice, Plan, Planner, PredictorScorer, _Merges, beam_search, count_plans,
-                                  enumerate_plans, exhaustive_search, is_multi_document, plan, plan_documents,
-                                  read_documents, write_plan_recipe)
+                                  enumerate_plans, exhaustive_search, plan, plan_documents, write_plan_recipe)
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():

@@ -31,6 +31,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from simmerge_lib import engine
+from simmerge_lib.checkpoint import iter_tensors, weight_files, write_json_atomic
+from simmerge_lib.operators import OPERATORS
+from simmerge_lib.paths import build_path
+from simmerge_lib.recipe import Recipe
+
 VOCAB, LAYERS = 32000, 8
 MERGEKIT = Path(sys.executable).with_name("mergekit-yaml")
 
@@ -51,9 +61,6 @@ def llama_shapes(hidden: int) -> dict[str, tuple[int, ...]]:
 
 def make_checkpoints(root: Path, gb: float, dtype_name: str) -> dict[str, Path]:
     """base, e0, e1 with about ``gb`` GB each (hidden size solved for; 8 layers, vocabulary 32000)."""
-    import torch
-    from safetensors.torch import save_file
-
     dtype = getattr(torch, dtype_name)
     target = gb * 1e9 / dtype.itemsize
     # params ~ 2 V h + L (2 + 2/4 + 3 * 2.75) h^2
@@ -88,8 +95,6 @@ def make_checkpoints(root: Path, gb: float, dtype_name: str) -> dict[str, Path]:
 
 def recipes(folders: dict[str, Path], dtype_name: str) -> dict[str, dict]:
     """One recipe per registered method (the benchmark covers every one; a new operator needs a line here)."""
-    from simmerge_lib.operators import OPERATORS
-
     e0, e1, base = (str(folders[n]) for n in ("e0", "e1", "base"))
 
     def task_vectors(method: str, **per_model: float) -> dict:
@@ -160,28 +165,21 @@ def measure(cmd: list[str]) -> dict:
 
 def floor_spec(recipe_dict: dict, out: Path) -> dict:
     """What the recipe reads (each needed tensor once) and an output of its size, for the I/O floor script."""
-    from simmerge_lib import engine
-    from simmerge_lib.recipe import Recipe
-
     plan = engine.plan_merge(Recipe.from_dict(recipe_dict), "1TB")
     reads: dict[str, list[str]] = {}
     writes = []
-    for task in plan.tasks:
-        names = task.input_names + ([task.base_name] if task.base is not None else [])
-        for info, name in zip(task.inputs + ([task.base] if task.base is not None else []), names):
+    for job in plan.jobs:
+        names = job.input_names + ([job.base_name] if job.base is not None else [])
+        for info, name in zip(job.inputs + ([job.base] if job.base is not None else []), names):
             if name not in reads.setdefault(str(info.path), []):
                 reads[str(info.path)].append(name)
-        first = (task.inputs or [task.base])[0]
-        writes.append([str(first.path), (task.input_names or [task.base_name])[0], task.name])
+        first = (job.inputs or [job.base])[0]
+        writes.append([str(first.path), (job.input_names or [job.base_name])[0], job.name])
     return {"reads": reads, "writes": writes, "out": str(out)}
 
 
 def compare(a: Path, b: Path, atol: float = 1e-6) -> dict:
     """Largest absolute difference between two checkpoints and how many elements differ by more than ``atol``."""
-    from safetensors import safe_open
-
-    from simmerge_lib.checkpoint import iter_tensors, weight_files
-
     files = weight_files(b)
     worst, differ, total = 0.0, 0, 0
     for name, x in iter_tensors(a):
@@ -194,8 +192,6 @@ def compare(a: Path, b: Path, atol: float = 1e-6) -> dict:
 
 
 def bench_dtype(args: argparse.Namespace, dtype: str, work: Path, have_mergekit: bool) -> dict:
-    from simmerge_lib.recipe import Recipe
-
     folders = make_checkpoints(work / f"models-{dtype}", args.gb_per_model, dtype)
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]  # mergekit's shard size counts parameters
     specs = recipes(folders, dtype)
@@ -247,9 +243,6 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     parser.add_argument("--device", default="cpu", help="simmerge --device (results go to merge_engine_<device>.json)")
     args = parser.parse_args()
-
-    from simmerge_lib.checkpoint import write_json_atomic
-    from simmerge_lib.paths import build_path
 
     work = Path(args.work) if args.work else build_path("bench", "merge_engine_work")
     work.mkdir(parents=True, exist_ok=True)

@@ -144,7 +144,7 @@ def atomic_folder(out: str | os.PathLike[str], force: bool = False) -> Iterator[
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' own "Loading weights" / "Writing model shards" bars inside the block: the kit draws
     one bar per long step, and dozens of tiny checkpoints would otherwise print a bar each."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy: kept off the start of `simmerge merge`
 
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()

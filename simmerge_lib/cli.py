@@ -12,16 +12,18 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from . import __version__
+
 #: Sub-commands in the order ``simmerge --help`` lists them: (module that registers it, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
     "zoo": ("simmerge_lib.zoo", "build (or load from cache) the model catalogue of a profile"),
     "eval": ("simmerge_lib.evaluate", "score a checkpoint folder on tasks (exact match of greedy answers)"),
     "features": ("simmerge_lib.features", "compute the pair features table of a catalogue"),
-    "merge": ("simmerge_lib.engine", "merge checkpoints with a mergekit-format YAML recipe (streaming)"),
+    "merge": ("simmerge_lib.engine.cli", "merge checkpoints with a mergekit-format YAML recipe (streaming)"),
+    "merge-distributed": ("simmerge_lib.engine.cli", "merge with output shards spread over workers"),
     "labels": ("simmerge_lib.labels", "merge expert pairs on an operator grid and score them (labels table)"),
     "recommend": ("simmerge_lib.predictor", "rank merge candidates for two experts by predicted quality"),
-    "plan-merge": ("simmerge_lib.scale", "what a merge of checkpoints of one config costs (no weights)"),
-    "merge-distributed": ("simmerge_lib.scale", "merge with output shards spread over workers"),
+    "plan-merge": ("simmerge_lib.scale.cli", "what a merge of checkpoints of one config costs (no weights)"),
     "bandit": ("simmerge_lib.bandit", "replay a profile's labels through contextual bandits (regret summary)"),
     "plan": ("simmerge_lib.planner", "plan a multi-way merge (subset, order, operators) with the predictor"),
     "search": ("simmerge_lib.search", "search layer-wise / depth merge recipes for a pair (Optuna)"),
@@ -35,8 +37,6 @@ class CliError(Exception):
 
 
 def _top_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
-    from . import __version__
-
     parser = argparse.ArgumentParser(prog="simmerge", description="Predictive model merging (SimMerge kit).")
     parser.add_argument("--version", action="version", version=f"simmerge {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

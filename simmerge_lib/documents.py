@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .catalogue import map_model_names
+from .paths import map_model_names
 
 #: How a recipe document names an earlier step's result: ``"@" + name``.
 REF_PREFIX = "@"
@@ -76,7 +76,6 @@ def is_multi_document(path: str | os.PathLike[str]) -> bool:
     except (OSError, yaml.YAMLError):
         return False  # let the single-recipe path report the problem
     return len(docs) > 1 or (len(docs) == 1 and isinstance(docs[0], Mapping) and "name" in docs[0])
-
 
 
 def resolve_references(doc: Mapping[str, Any], outputs: Mapping[str, str]) -> dict[str, Any]:

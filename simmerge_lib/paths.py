@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 #: Repository root when the kit is installed editable; otherwise the current directory.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -23,3 +25,22 @@ def build_path(*parts: str) -> Path:
     path = build_dir().joinpath(*parts)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def map_model_names(recipe: Mapping[str, Any], to: Callable[[str], str]) -> dict[str, Any]:
+    """A mergekit recipe (``models`` or ``slices`` form) with every model reference ``name`` replaced by
+    ``to(name)``: ``base_model``, ``tokenizer_source`` (unless ``base`` or ``union``), each entry of ``models``
+    (a mapping's ``model`` or a bare name) and each slice source's ``model``.
+
+    The one "replace model names with paths" of the kit (here, at the bottom of the layers, so that the merge
+    path reaches it without importing the catalogue's table libraries)."""
+    out = dict(recipe)
+    for key in ("base_model", "tokenizer_source"):
+        if isinstance(out.get(key), str) and out[key] not in ("base", "union"):
+            out[key] = to(out[key])
+    if "models" in out:
+        out["models"] = [{**m, "model": to(m["model"])} if isinstance(m, Mapping) else to(m) for m in out["models"]]
+    if "slices" in out:
+        out["slices"] = [{**s, "sources": [{**src, "model": to(src["model"])} for src in s["sources"]]}
+                         for s in out["slices"]]
+    return out

@@ -136,7 +136,7 @@ def test_existing_out_needs_force_and_cli_round_trip(zoo, tmp_path, capsys):
 def test_resume_keeps_finished_shards(zoo, tmp_path, monkeypatch):
     recipe = recipe_at(zoo, "ties")
     out = tmp_path / "out"
-    real = engine.TaskRunner.run_task
+    real = engine.JobRunner.run_job
     calls = {"n": 0}
 
     def flaky(self, task):
@@ -145,13 +145,13 @@ def test_resume_keeps_finished_shards(zoo, tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
         return real(self, task)
 
-    monkeypatch.setattr(engine.TaskRunner, "run_task", flaky)
+    monkeypatch.setattr(engine.JobRunner, "run_job", flaky)
     with pytest.raises(KeyboardInterrupt):
         engine.merge(recipe, out, shard_size="20KB", threads=1, progress=False)
     partial = tmp_path / "out.partial"
     finished = {p.name: p.stat().st_mtime_ns for p in partial.glob("*.safetensors")}
     assert finished and not out.exists()
-    monkeypatch.setattr(engine.TaskRunner, "run_task", real)
+    monkeypatch.setattr(engine.JobRunner, "run_job", real)
     engine.merge(recipe, out, shard_size="20KB", resume=True, progress=False)
     assert all((out / n).stat().st_mtime_ns == t for n, t in finished.items())  # reused, not rewritten
     fresh = engine.merge(recipe, tmp_path / "fresh", shard_size="20KB", progress=False)
@@ -246,7 +246,7 @@ def test_full_disk(zoo, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "posix_fallocate", no_space)
     expect_error(recipe_at(zoo, "linear"), tmp_path / "out", CheckpointError, "out.partial", "disk full")
 
-    monkeypatch.setattr(engine.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 0))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 0))
     expect_error(recipe_at(zoo, "linear"), tmp_path / "out", CheckpointError, "not enough disk space")
 
 
@@ -340,7 +340,7 @@ def test_resume_of_a_sliced_merge(deep_zoo, tmp_path, monkeypatch):
                      {"model": "e0", "layer_range": [1, 3]}]}]}, root=deep_zoo)
     for rec, name in ((recipe, "franken"), (ties, "ties")):
         out = tmp_path / name
-        real = engine.TaskRunner.run_task
+        real = engine.JobRunner.run_job
         calls = {"n": 0}
 
         def flaky(self, task):
@@ -349,13 +349,13 @@ def test_resume_of_a_sliced_merge(deep_zoo, tmp_path, monkeypatch):
                 raise KeyboardInterrupt("simulated crash")
             return real(self, task)
 
-        monkeypatch.setattr(engine.TaskRunner, "run_task", flaky)
+        monkeypatch.setattr(engine.JobRunner, "run_job", flaky)
         with pytest.raises(KeyboardInterrupt):
             engine.merge(rec, out, shard_size="10KB", threads=1, progress=False)
         partial = tmp_path / f"{name}.partial"
         finished = {p.name: p.stat().st_mtime_ns for p in partial.glob("*.safetensors")}
         assert finished and not out.exists()
-        monkeypatch.setattr(engine.TaskRunner, "run_task", real)
+        monkeypatch.setattr(engine.JobRunner, "run_job", real)
         engine.merge(rec, out, shard_size="10KB", resume=True, progress=False)
         assert all((out / n).stat().st_mtime_ns == t for n, t in finished.items())
         fresh = load_state_dict(engine.merge(rec, tmp_path / f"{name}_fresh", shard_size="10KB", progress=False))

@@ -257,10 +257,12 @@ class Recipe:
         base read as :meth:`merge_inputs` says (mergekit's reading), the engine's operator code, the recipe's
         compute and output dtypes. The one in-memory merge of the kit (labels, planner, search use it)."""
         specs, base_spec = self.merge_inputs()
-        base = state(base_spec.model) if (base_spec is not None and get_operator(self.merge_method).needs_base) else None
+        needs_base = base_spec is not None and get_operator(self.merge_method).needs_base
+        base = state(base_spec.model) if needs_base else None
         return merge_state_dicts(self.merge_method, [dict(state(s.model)) for s in specs],
                                  dict(base) if base is not None else None, [dict(s.parameters) for s in specs],
-                                 self.parameters, layer_count, out_dtype=self.output_dtype(), dtype=self.compute_dtype())
+                                 self.parameters, layer_count, out_dtype=self.output_dtype(),
+                                 dtype=self.compute_dtype())
 
     def merge_inputs(self) -> tuple[list[ModelSpec], ModelSpec | None]:
         """(inputs besides the base, base) of a ``models`` recipe as the operators see them, following mergekit: a

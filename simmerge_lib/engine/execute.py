@@ -55,11 +55,11 @@ def _new(nbytes: int, dtype: torch.dtype, shape: Sequence[int], device: torch.de
 
 
 class BufferPool:
-    """Buffers reused from tensor to tensor. A fresh buffer costs its first touch of every page (page faults, which
-    can cost more than reading the bytes from the page cache) and glibc maps every allocation above 32 MB afresh, so a merge that allocated per tensor paid that on most of its bytes. A job
-    takes its buffers through a :class:`Lease` and gives them back when its tensor is written; buffers in use and
-    free ones together stay under ``limit`` bytes (the plan's memory bound) whenever the jobs' own do, so reuse
-    adds nothing to peak memory."""
+    """Buffers reused from tensor to tensor. A fresh buffer costs its first touch of every page (page faults, which can
+    cost more than reading the bytes from the page cache) and glibc maps every allocation above 32 MB afresh, so a
+    merge that allocated per tensor paid that on most of its bytes. A job takes its buffers through a :class:`Lease`
+    and gives them back when its tensor is written; buffers in use and free ones together stay under ``limit`` bytes
+    (the plan's memory bound) whenever the jobs' own do, so reuse adds nothing to peak memory."""
 
     def __init__(self, limit: int):
         self.limit, self.free, self.lock = limit, [], threading.Lock()
@@ -182,10 +182,10 @@ def merge_job(plan: ShardLayout, job: TensorJob, load: Any, alloc: Any = _new) -
 
 
 class JobRunner:
-    """Carries out the tensor jobs of one :class:`ShardLayout` into ``partial`` (one instance per :func:`run_shards` call):
-    holds the input and output file descriptors, writes each shard's header when the shard is opened, merges and
-    writes one tensor per :meth:`run_job` (thread-safe) and renames a shard to its final name when its last tensor
-    is written. Public so that tests can inject faults into :meth:`run_job` (a crash mid-merge)."""
+    """Carries out the tensor jobs of one :class:`ShardLayout` into ``partial`` (one instance per :func:`run_shards`
+    call): holds the input and output file descriptors, writes each shard's header when the shard is opened, merges
+    and writes one tensor per :meth:`run_job` (thread-safe) and renames a shard to its final name when its last
+    tensor is written. Public so that tests can inject faults into :meth:`run_job` (a crash mid-merge)."""
 
     def __init__(self, plan: ShardLayout, partial: Path, device: torch.device, progress: Any):
         self.plan, self.partial, self.device, self.progress = plan, partial, device, progress

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import BLOCK, round_
-from .registry import REQUIRED, Param, Params, operator
+from .registry import REQUIRED, OperatorFn, Param, Params, operator
 from .sparsify import _blocks, _task_vector_merge, _task_vectors_
 
 # --- parameter declarations shared by several operators -------------------------------------------------------
@@ -32,6 +32,20 @@ def _normalize(default: bool) -> Param:
 
 def _rescale(default: bool, how: str) -> Param:
     return Param("rescale", bool, default, doc=how)
+
+
+def _task_vector_operator(sparsify: str | None, consensus: bool, doc: str) -> OperatorFn:
+    """An operator of the generalized task arithmetic (:func:`~.sparsify._task_vector_merge`): tau_i sparsified per
+    ``sparsify`` (None, ``magnitude``, ``dare``, ``outliers``, ``della``), combined with TIES's sign election when
+    ``consensus``; ``doc`` is its formula."""
+
+    def merge(tensors: list[Tensor], base: Tensor | None, params: list[Params], g: Params, name: str,
+              dtype: torch.dtype | None = None) -> Tensor:
+        assert base is not None
+        return _task_vector_merge(tensors, base, params, g, name, dtype, sparsify=sparsify, consensus=consensus)
+
+    merge.__doc__ = doc
+    return merge
 
 
 # --- operators ------------------------------------------------------------------------------------------------
@@ -139,55 +153,44 @@ def nuslerp(tensors: list[Tensor], base: Tensor | None, params: list[Params], g:
     return nuslerp_tensors(t, v0, v1, dim)
 
 
-@operator("task_arithmetic", base="required", params=[_weight(), _LAMBDA, _normalize(False), _INT8_MASK],
-          traits=("task_vector",), grid=[{"lambda": 0.8}, {"lambda": 1.0}],
-          reference="https://arxiv.org/abs/2212.04089")
-def task_arithmetic(tensors: list[Tensor], base: Tensor | None, params: list[Params], g: Params, name: str,
-                    dtype: torch.dtype | None = None) -> Tensor:
+task_arithmetic = operator("task_arithmetic", base="required",
+                           params=[_weight(), _LAMBDA, _normalize(False), _INT8_MASK],
+                           traits=("task_vector",), grid=[{"lambda": 0.8}, {"lambda": 1.0}],
+                           reference="https://arxiv.org/abs/2212.04089")(_task_vector_operator(
+    None, False,
     """theta = theta_0 + lambda * sum_i w_i tau_i with tau_i = theta_i - theta_0 (divided by sum_i w_i when
-    ``normalize``)."""
-    assert base is not None
-    return _task_vector_merge(tensors, base, params, g, name, dtype, sparsify=None, consensus=False)
+    ``normalize``)."""))
 
 
-@operator("ties", base="required",
-          params=[_weight(), _DENSITY, _LAMBDA, _normalize(True),
-                  _rescale(False, "match each trimmed tau_i's L1 norm to the untrimmed one"), _INT8_MASK],
-          traits=("task_vector", "trim", "sign_elect"), grid=[{"density": 0.2}, {"density": 0.5}],
-          reference="https://arxiv.org/abs/2306.01708")
-def ties(tensors: list[Tensor], base: Tensor | None, params: list[Params], g: Params, name: str,
-         dtype: torch.dtype | None = None) -> Tensor:
+ties = operator("ties", base="required",
+                params=[_weight(), _DENSITY, _LAMBDA, _normalize(True),
+                        _rescale(False, "match each trimmed tau_i's L1 norm to the untrimmed one"), _INT8_MASK],
+                traits=("task_vector", "trim", "sign_elect"), grid=[{"density": 0.2}, {"density": 0.5}],
+                reference="https://arxiv.org/abs/2306.01708")(_task_vector_operator(
+    "magnitude", True,
     """TIES: tau_i trimmed to its top-``density`` magnitudes (:func:`trim_`), d_i = w_i tau_i; elect
     sign* = sign(sum_i d_i); theta = theta_0 + lambda * sum_i [sign d_i = sign*] d_i / sum_i [sign d_i = sign*] w_i
-    (disjoint mean; without ``normalize`` no division)."""
-    assert base is not None
-    return _task_vector_merge(tensors, base, params, g, name, dtype, sparsify="magnitude", consensus=True)
+    (disjoint mean; without ``normalize`` no division)."""))
 
 
 _DARE_PARAMS = [_weight(), _DENSITY, _LAMBDA, _normalize(False),
                 _rescale(True, "survivors times 1/density"), _SEED, _INT8_MASK]
 
 
-@operator("dare_linear", base="required", params=_DARE_PARAMS, traits=("task_vector", "drop"),
-          grid=[{"density": 0.5}], reference="https://arxiv.org/abs/2311.03099")
-def dare_linear(tensors: list[Tensor], base: Tensor | None, params: list[Params], g: Params, name: str,
-                dtype: torch.dtype | None = None) -> Tensor:
+dare_linear = operator("dare_linear", base="required", params=_DARE_PARAMS, traits=("task_vector", "drop"),
+                       grid=[{"density": 0.5}], reference="https://arxiv.org/abs/2311.03099")(_task_vector_operator(
+    "dare", False,
     """DARE + task arithmetic: drop each entry of tau_i with p = 1 - density, rescale survivors by 1/(1-p)
     (``rescale``), then theta = theta_0 + lambda * sum_i w_i tau_i (/ sum_i w_i when ``normalize``).
-    Randomness is seeded by (``seed``, tensor name, model index)."""
-    assert base is not None
-    return _task_vector_merge(tensors, base, params, g, name, dtype, sparsify="dare", consensus=False)
+    Randomness is seeded by (``seed``, tensor name, model index)."""))
 
 
-@operator("dare_ties", base="required", params=_DARE_PARAMS, traits=("task_vector", "drop", "sign_elect"),
-          grid=[{"density": 0.5}], reference="https://arxiv.org/abs/2311.03099")
-def dare_ties(tensors: list[Tensor], base: Tensor | None, params: list[Params], g: Params, name: str,
-              dtype: torch.dtype | None = None) -> Tensor:
+dare_ties = operator("dare_ties", base="required", params=_DARE_PARAMS, traits=("task_vector", "drop", "sign_elect"),
+                     grid=[{"density": 0.5}], reference="https://arxiv.org/abs/2311.03099")(_task_vector_operator(
+    "dare", True,
     """DARE + TIES: tau_i' = m_i * tau_i / (1-p) with m_i ~ Bernoulli(1-p) (as in dare_linear), d_i = w_i tau_i';
     sign* = sign(sum_i d_i); theta = theta_0 + lambda * sum_i [sign d_i = sign*] d_i (/ sum of kept w_i when
-    ``normalize``)."""
-    assert base is not None
-    return _task_vector_merge(tensors, base, params, g, name, dtype, sparsify="dare", consensus=True)
+    ``normalize``)."""))
 
 
 _GAMMA = Param("gamma", float, 0.01, per_model=True, range=(0.0, 0.05), doc="fraction of largest entries dropped")
@@ -196,27 +199,21 @@ _BREADCRUMBS_PARAMS = [_weight(), _DENSITY, _GAMMA, _LAMBDA, _normalize(False),
 _BREADCRUMBS_GRID = [{"density": 0.5, "gamma": 0.01}, {"density": 0.9, "gamma": 0.01}]
 
 
-@operator("breadcrumbs", base="required", params=_BREADCRUMBS_PARAMS, traits=("task_vector", "trim"),
-          grid=_BREADCRUMBS_GRID, reference="https://arxiv.org/abs/2312.06795")
-def breadcrumbs(tensors: list[Tensor], base: Tensor | None, params: list[Params], g: Params, name: str,
-                dtype: torch.dtype | None = None) -> Tensor:
+breadcrumbs = operator("breadcrumbs", base="required", params=_BREADCRUMBS_PARAMS, traits=("task_vector", "trim"),
+                       grid=_BREADCRUMBS_GRID, reference="https://arxiv.org/abs/2312.06795")(_task_vector_operator(
+    "outliers", False,
     """Model Breadcrumbs: tau_i loses its ``gamma`` largest magnitudes (outliers) and its smallest ones, keeping
     ``density`` of its entries (:func:`outlier_trim_`); theta = theta_0 + lambda * sum_i w_i tau_i (/ sum_i w_i when
-    ``normalize``)."""
-    assert base is not None
-    return _task_vector_merge(tensors, base, params, g, name, dtype, sparsify="outliers", consensus=False)
+    ``normalize``)."""))
 
 
-@operator("breadcrumbs_ties", base="required", params=_BREADCRUMBS_PARAMS,
-          traits=("task_vector", "trim", "sign_elect"), grid=_BREADCRUMBS_GRID,
-          reference="https://arxiv.org/abs/2312.06795")
-def breadcrumbs_ties(tensors: list[Tensor], base: Tensor | None, params: list[Params], g: Params, name: str,
-                     dtype: torch.dtype | None = None) -> Tensor:
+breadcrumbs_ties = operator("breadcrumbs_ties", base="required", params=_BREADCRUMBS_PARAMS,
+                            traits=("task_vector", "trim", "sign_elect"), grid=_BREADCRUMBS_GRID,
+                            reference="https://arxiv.org/abs/2312.06795")(_task_vector_operator(
+    "outliers", True,
     """Model Breadcrumbs' trim (:func:`outlier_trim_`) with TIES's sign election: d_i = w_i tau_i;
     sign* = sign(sum_i d_i); theta = theta_0 + lambda * sum_i [sign d_i = sign*] d_i (/ sum of kept w_i when
-    ``normalize``)."""
-    assert base is not None
-    return _task_vector_merge(tensors, base, params, g, name, dtype, sparsify="outliers", consensus=True)
+    ``normalize``)."""))
 
 
 _EPSILON = Param("epsilon", float, 0.15, per_model=True, range=(0.01, 0.2),
@@ -231,26 +228,20 @@ def _della_params(normalize: bool) -> list[Param]:
 _DELLA_GRID = [{"density": 0.3, "epsilon": 0.1}, {"density": 0.5, "epsilon": 0.15}]
 
 
-@operator("della", base="required", params=_della_params(True), traits=("task_vector", "drop", "sign_elect"),
-          grid=_DELLA_GRID, reference="https://arxiv.org/abs/2406.11617")
-def della(tensors: list[Tensor], base: Tensor | None, params: list[Params], g: Params, name: str,
-          dtype: torch.dtype | None = None) -> Tensor:
+della = operator("della", base="required", params=_della_params(True), traits=("task_vector", "drop", "sign_elect"),
+                 grid=_DELLA_GRID, reference="https://arxiv.org/abs/2406.11617")(_task_vector_operator(
+    "della", True,
     """DELLA: tau_i pruned by MagPrune (:func:`della_`: entry of magnitude rank r in its row kept with probability
     density - epsilon + 2 epsilon r / (L-1)), rescaled to its L1 norm (``rescale``); d_i = w_i tau_i;
     sign* = sign(sum_i d_i); theta = theta_0 + lambda * sum_i [sign d_i = sign*] d_i / sum of kept w_i
-    (``normalize``). Randomness is seeded by (``seed``, tensor name, model index)."""
-    assert base is not None
-    return _task_vector_merge(tensors, base, params, g, name, dtype, sparsify="della", consensus=True)
+    (``normalize``). Randomness is seeded by (``seed``, tensor name, model index)."""))
 
 
-@operator("della_linear", base="required", params=_della_params(False), traits=("task_vector", "drop"),
-          grid=_DELLA_GRID, reference="https://arxiv.org/abs/2406.11617")
-def della_linear(tensors: list[Tensor], base: Tensor | None, params: list[Params], g: Params, name: str,
-                 dtype: torch.dtype | None = None) -> Tensor:
+della_linear = operator("della_linear", base="required", params=_della_params(False), traits=("task_vector", "drop"),
+                        grid=_DELLA_GRID, reference="https://arxiv.org/abs/2406.11617")(_task_vector_operator(
+    "della", False,
     """DELLA without the sign election: tau_i pruned by MagPrune (:func:`della_`) and L1-rescaled (``rescale``);
-    theta = theta_0 + lambda * sum_i w_i tau_i (/ sum_i w_i when ``normalize``)."""
-    assert base is not None
-    return _task_vector_merge(tensors, base, params, g, name, dtype, sparsify="della", consensus=False)
+    theta = theta_0 + lambda * sum_i w_i tau_i (/ sum_i w_i when ``normalize``)."""))
 
 
 @operator("model_stock", base="required",

@@ -57,7 +57,7 @@ def dare_(tau: Tensor, density: float, rescale: bool, seed: int, name: str, inde
     u = torch.empty(min(tau.numel(), BLOCK), dtype=tau.dtype, device=tau.device)
     for block in _blocks(tau):
         draw = torch.rand(block.numel(), generator=gen, out=u[:block.numel()], dtype=tau.dtype)
-        block.mul_(draw < density)  # kept with probability density (2.5x faster than bernoulli_ per block)
+        block.mul_(draw < density)  # kept with probability density (one comparison: cheaper than bernoulli_)
     if rescale:
         tau.div_(density)
     return tau
@@ -73,7 +73,7 @@ def della_(tau: Tensor, density: float, epsilon: float, seed: int, name: str, in
     r > c = (u - (density - epsilon)) / (2 epsilon / (L - 1)). A histogram of each row's magnitudes (1024 equal
     bins) bounds r to the ranks of its bin, which decides almost every entry; only the few whose c falls inside
     their bin's ranks get their exact rank by counting (a chunk with many such entries, e.g. rows of equal values,
-    is ranked by a stable sort instead). Measured 3x faster than an argsort per row, with the same distribution."""
+    is ranked by a stable sort instead): the same distribution as an argsort per row, without sorting every row."""
     if density >= 1:
         return tau
     if density <= 0:

@@ -1,9 +1,9 @@
 """Merging at 111B scale (chapter 07): plan a merge from a config alone, rehearse it at full width, resume it,
 spread it over workers.
 
-- **Estimate** (:func:`plan_from_config`, a :class:`CostEstimate`): the model is built on the ``meta`` device (shapes, no weights), which gives
-  the tensor inventory with the real tensor names. From it, for ``n`` input checkpoints of dtype ``d_in`` merged
-  into dtype ``d_out``::
+- **Estimate** (:func:`plan_from_config`, a :class:`CostEstimate`): the model is built on the ``meta`` device
+  (shapes, no weights), which gives the tensor inventory with the real tensor names. From it, for ``n`` input
+  checkpoints of dtype ``d_in`` merged into dtype ``d_out``::
 
       bytes_read    = n * sum_t numel_t * |d_in|          bytes_written = sum_t numel_t * |d_out|
       peak_memory   = (n + 2) * max_t numel_t * 4 + overhead          (float32 work copies, see engine)

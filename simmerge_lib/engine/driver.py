@@ -106,8 +106,7 @@ def write_output(target: MergeOutput, write_shards: Callable[[Path, list[int]], 
         write_shards(partial_dir, target.pending)
         missing = [s.name for s in plan.shards if not shard_finished(partial_dir / s.name, s)]
         if missing:
-            raise CheckpointError(f"{partial_dir}: shard {missing[0]} was not finished by its worker "
-                                  f"({len(missing)} missing)")
+            raise CheckpointError(f"{partial_dir}: shard {missing[0]} was not finished ({len(missing)} missing)")
         write_json_atomic(partial_dir / INDEX_FILE, {
             "metadata": {"total_size": sum(j.nbytes for j in plan.jobs)},
             "weight_map": {j.name: s.name for s in plan.shards for j in s.jobs}})

@@ -2,8 +2,9 @@
 
 For an ordered pair of experts ``(a, b)`` (with bases ``base_a``, ``base_b``) and a task ``t`` the kit computes
 
-* **functional** features from one forward pass of each model over ``t``'s probe prompts (:mod:`.probes`):
-  how the two models' next-token distributions, hidden states and attention patterns differ;
+* **functional** features from one forward pass of each model over ``t``'s probe prompts
+  (:mod:`simmerge_lib.probes`): how the two models' next-token distributions, hidden states and attention patterns
+  differ;
 * **structural** features from the weights, streamed one tensor at a time: how the task vectors
   ``tau_a = theta_a - theta_base_a`` and ``tau_b = theta_b - theta_base_b`` relate.
 

@@ -27,10 +27,10 @@ _CHUNK = 1 << 22
 class TensorReader:
     """Read a checkpoint's tensors one at a time by name (a folder's safetensors shards, or a state dict).
 
-    Files are read with the merge engine's reader (:func:`.engine.read_header`, :func:`.engine.read_tensor`):
-    ``pread`` into a fresh buffer, each shard opened once and closed by :meth:`close`. Not ``safe_open``: its
-    memory map keeps every page read so far in the resident set while the file stays open, so the structural
-    features of a large pair would hold far more than the few tensors they work on.
+    Files are read with the merge engine's reader (:func:`simmerge_lib.engine.read_header`,
+    :func:`simmerge_lib.engine.read_tensor`): ``pread`` into a fresh buffer, each shard opened once and closed by
+    :meth:`close`. Not ``safe_open``: its memory map keeps every page read so far in the resident set while the file
+    stays open, so the structural features of a large pair would hold far more than the few tensors they work on.
     """
 
     def __init__(self, ref: ModelRef):

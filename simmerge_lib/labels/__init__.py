@@ -89,7 +89,7 @@ keep-parent, win shares, best fixed, split-half, noise gap, summary) and :mod:`.
 
 from __future__ import annotations
 
-from ..operators import setting_label, setting_parameters
+from ..operators import setting_label, setting_parameters  # they live in operators; planner and search read them here
 # The profile names (``profile in labels.PROFILES``); the per-profile settings are profile_settings(profile).
 from ..profiles import PROFILES
 from .analysis import (PAIR_COLUMNS, best_fixed, best_per_method, keep_parent, max_win_share, merge_quality,
@@ -97,8 +97,8 @@ from .analysis import (PAIR_COLUMNS, best_fixed, best_per_method, keep_parent, m
 from .cli import register
 from .collect import collect_labels, load_labels
 from .jobs import (DEFAULT_GRID, FAMILIES, FIXED_PARAMETERS, GRIDS, LABEL_COLUMNS, LABEL_OPERATORS, LABELS_FORMAT,
-                   REFERENCE_COLUMNS, SMOKE_GRID, Job, catalogue_hash, check_order_free, family, job_recipe, labels_path,
-                   make_job, make_jobs, profile_settings, reference_path)
+                   REFERENCE_COLUMNS, SMOKE_GRID, Job, catalogue_hash, check_order_free, family, job_recipe,
+                   labels_path, make_job, make_jobs, profile_settings, reference_path)
 from .run import IN_MEMORY_LIMIT, run_job
 
 __all__ = [

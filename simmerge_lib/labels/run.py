@@ -85,7 +85,8 @@ def _scored(ctx: _Context, model: Any, tok: Any, job: Job) -> dict[str, dict[str
                     "char": float(chars.mean())}
                 for t, (exact, chars) in synthetic_detail(model, tok, job.tasks, job.n_eval).items()}
     frame = evaluate_model(model, tok, job.tasks, job.n_eval, ctx.evaluator)
-    return {t: {"score": float(s), "even": np.nan, "odd": np.nan, "char": np.nan} for t, s in zip(frame.task, frame.score)}
+    return {t: {"score": float(s), "even": np.nan, "odd": np.nan, "char": np.nan}
+            for t, s in zip(frame.task, frame.score)}
 
 
 def _skeleton_scores(ctx: _Context, job: Job, state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:

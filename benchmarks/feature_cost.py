@@ -27,23 +27,22 @@ import torch
 from simmerge_lib import features, labels
 from simmerge_lib.checkpoint import write_json_atomic
 from simmerge_lib.paths import build_path
-from simmerge_lib.probes import N_PROBES
+from simmerge_lib.probes import profile_n_probes
+from simmerge_lib.profiles import PROFILES
+from simmerge_lib.zoo import build_catalogue
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="default", choices=sorted(labels.PROFILES))
+    parser.add_argument("--profile", default="default", choices=sorted(PROFILES))
     parser.add_argument("--sample-jobs", type=int, default=0, help="run only this many jobs (seeded) and scale")
     args = parser.parse_args()
     torch.set_num_threads(1)
-
-    from simmerge_lib.zoo import build_catalogue
-
     catalogue = build_catalogue(args.profile, progress=False)
     jobs = labels.make_jobs(catalogue, **labels.profile_settings(args.profile))
     pairs = list(dict.fromkeys((j.a, j.b) for j in jobs))
     ordered = [p for a, b in pairs for p in ((a, b), (b, a))]
-    n_probes = N_PROBES.get(args.profile, N_PROBES["default"])
+    n_probes = profile_n_probes(args.profile)
 
     start = time.perf_counter()
     cache = features.ProbeCache(disk_dir=None)

@@ -26,12 +26,16 @@ import json
 import os
 import time
 
+import numpy as np
+import pandas as pd
+
+from simmerge_lib import labels, zoo
+from simmerge_lib.catalogue import Catalogue
+from simmerge_lib.paths import build_path
+from simmerge_lib.profiles import PROFILES
+
 
 def _build_seconds(profile: str, fresh: bool) -> float | None:
-    from simmerge_lib import zoo
-    from simmerge_lib.catalogue import Catalogue
-    from simmerge_lib.paths import build_path
-
     recipe = zoo.recipe_for_profile(profile)
     if fresh:
         root = build_path("bench", "zoo", recipe.name)
@@ -46,14 +50,8 @@ def _build_seconds(profile: str, fresh: bool) -> float | None:
 
 
 def main() -> None:
-    import numpy as np
-    import pandas as pd
-
-    from simmerge_lib import labels, zoo
-    from simmerge_lib.paths import build_path
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="default", choices=sorted(labels.PROFILES))
+    parser.add_argument("--profile", default="default", choices=sorted(PROFILES))
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--tol", type=float, default=0.01)
     parser.add_argument("--fresh-builds", action="store_true",

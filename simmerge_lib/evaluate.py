@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .checkpoint import quiet_transformers
+from .checkpoint import quiet_transformers, read_card
 from .tasks import Example, get_task
 
 Evaluator = Callable[[PreTrainedModel, Any, Sequence[str], int], Mapping[str, float]]
@@ -195,8 +195,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.checkpoint}: not a checkpoint folder (no config.json)")
     tasks = args.tasks.split(",") if args.tasks else None
     if tasks is None:
-        from .checkpoint import read_card
-
         tasks = read_card(args.checkpoint).get("catalogue_tasks") or []
         if not tasks:
             raise ValueError(f"{args.checkpoint}: no --tasks given and the checkpoint's card names none")

@@ -23,11 +23,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .profiles import PROFILES, settings
 from .tasks import get_task
 
-#: Probes per task by profile: CI smoke runs, the laptop course, GPU / real-model runs.
-N_PROBES = {"smoke": 8, "default": 32, "full": 128}
-DEFAULT_N_PROBES = N_PROBES["default"]
+#: Probes per task when none is given: the ``default`` profile's (:mod:`simmerge_lib.profiles`, section ``probes``).
+DEFAULT_N_PROBES = settings("probes", "default")["n_probes"]
+
+
+def profile_n_probes(profile: str) -> int:
+    """Probes per task of ``profile`` (:mod:`simmerge_lib.profiles`, section ``probes``); a name that is not a
+    profile (a transfer or user catalogue's table) gets the default profile's."""
+    return settings("probes", profile if profile in PROFILES else "default")["n_probes"]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_llama
 
 from simmerge_lib import features as F
+from simmerge_lib import kernels
 from simmerge_lib.catalogue import Catalogue
 from simmerge_lib.checkpoint import load_state_dict
 
@@ -166,7 +167,7 @@ def test_pread_reader_gives_the_tensors_safetensors_gives(tmp_path, monkeypatch)
         "w.empty": torch.zeros(0, 4, dtype=torch.float16),
     }
     folder = _sharded_folder(tmp_path / "ck", [dict(list(tensors.items())[:3]), dict(list(tensors.items())[3:])])
-    monkeypatch.setattr(F, "_CHUNK", 17)  # float32 conversion slice by slice, slices not dividing the tensors
+    monkeypatch.setattr(F.refs, "_CHUNK", 17)  # float32 conversion slice by slice, slices not dividing the tensors
     fds_before = len(os.listdir("/proc/self/fd"))
     files = weight_files(folder)
     with F.ModelRef.folder(folder).tensors() as reader:
@@ -242,7 +243,7 @@ def test_load_or_compute_reuses_the_saved_table(tiny_catalogue, tmp_path, monkey
     cat = Catalogue.load(tiny_catalogue)
     table = F.load_or_compute(cat, "smoke", n_probes=2, progress=False)
     assert F.features_path("smoke") == tmp_path / "features" / "smoke.parquet" and F.features_path("smoke").is_file()
-    monkeypatch.setattr(F, "compute_features", lambda *a, **k: pytest.fail("recomputed a cached table"))
+    monkeypatch.setattr(F.table, "compute_features", lambda *a, **k: pytest.fail("recomputed a cached table"))
     pd.testing.assert_frame_equal(table, F.load_or_compute(cat, "smoke", n_probes=2))
     sim = F.similarity_matrix(table, "fn_cka_mean")
     assert (sim.to_numpy() == sim.to_numpy().T).all() and (sim.to_numpy().diagonal() == 1).all()
@@ -255,7 +256,7 @@ def test_chunked_tensor_statistics_equal_whole_tensor_ones(monkeypatch):
     ta, tb = torch.randn(1000, generator=gen), torch.randn(1000, generator=gen)
     ta[::7] = 0.0
     whole = F._tensor_acc(ta, tb, 0.2)
-    monkeypatch.setattr(F, "_CHUNK", 13)
+    monkeypatch.setattr(F.structural, "_CHUNK", 13)
     sliced = F._tensor_acc(ta, tb, 0.2)
     for field in ("both_nz", "either_nz", "conflict", "inter", "union", "kept_conflict", "tensors"):
         assert getattr(sliced, field) == getattr(whole, field)
@@ -275,7 +276,7 @@ def test_radix_selected_ties_threshold_equals_topk(monkeypatch, density):
     tau[10:20] = 0.5  # ties at the threshold
     tau[20:23] = torch.tensor([float("inf"), -float("inf"), 1e-44])  # infinities and a subnormal
     exact = F._ties_threshold(tau, density)  # topk path
-    monkeypatch.setattr(F, "_CHUNK", 97)  # forces the sliced radix-select path
+    monkeypatch.setattr(kernels, "RADIX_MIN", 97)  # forces the sliced radix-select path
     assert F._ties_threshold(tau, density) == exact
     for same in (torch.zeros(5000), torch.full((5000,), -0.25)):  # one bucket holds everything
         assert F._ties_threshold(same, density) == float(same.abs()[0])

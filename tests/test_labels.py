@@ -204,7 +204,7 @@ def test_table_columns_normalization_and_recipe_reproduces_row(soft_catalogue, j
 
 
 def test_streaming_engine_path_gives_the_same_scores(soft_catalogue, jobs, reference_table, monkeypatch):
-    monkeypatch.setattr(L, "IN_MEMORY_LIMIT", 0)  # every checkpoint counts as large: merge to disk, then load
+    monkeypatch.setattr(L.run, "IN_MEMORY_LIMIT", 0)  # every checkpoint counts as large: merge to disk, then load
     job = next(j for j in jobs if j.method == "ties" and j.base_a != j.base_b)
     streamed = L.run_job(str(soft_catalogue.root), job)["scores"]
     expected = reference_table[reference_table.job_key == job.key].set_index("task").score

@@ -68,7 +68,7 @@ from .scenarios import (
     DEFAULT_HORIZON, Event, Scenario, make_scenario, scenario_for, make_stream,
 )
 from .policies import (
-    DEFAULT_ALPHA, DEFAULT_COMPONENTS, Policy, RandomPolicy, FixedPolicy, TablePolicy, LinUCB, LinearThompson,
+    DEFAULT_ALPHA, DEFAULT_COMPONENTS, Policy, RandomPolicy, FixedPolicy, TablePolicy, Learner, LinUCB, LinearThompson,
     HybridLinUCB, POLICY_REGISTRY, POLICIES,
 )
 from .replay import (
@@ -92,7 +92,7 @@ __all__ = [
     "TRAIT_NAMES", "PARAM_NEUTRAL", "DESCRIPTOR_NAMES", "Arm", "operator_traits", "arm_descriptor", "shared_features",
     "pair_contexts", "ContextEncoder", "ReplayData", "replay_data", "DEFAULT_HORIZON", "Event", "Scenario",
     "make_scenario", "scenario_for", "make_stream", "DEFAULT_ALPHA", "DEFAULT_COMPONENTS", "Policy", "RandomPolicy",
-    "FixedPolicy", "TablePolicy", "LinUCB", "LinearThompson", "HybridLinUCB", "POLICY_REGISTRY", "POLICIES",
+    "FixedPolicy", "TablePolicy", "Learner", "LinUCB", "LinearThompson", "HybridLinUCB", "POLICY_REGISTRY", "POLICIES",
     "best_fixed_arm", "predictor_scores", "ReplaySetup", "prepare_replay", "make_policy", "warm_observations",
     "run_replay", "replay_many", "crossing_time", "summarize_runs", "LiveEnvironment", "live_contexts", "run_live",
     "synthetic_problem", "SYNTHETIC_GRID", "synthetic_tables", "NEW_OPERATOR", "bandit_tables", "current_labels",

@@ -113,11 +113,6 @@ class TablePolicy(Policy):
         return np.where(np.isnan(values), -np.inf, values) if np.isfinite(values).any() else np.zeros(len(arms))
 
 
-def _learner(cls: type, setup: Any, seed: int, params: dict[str, Any]) -> Policy:
-    """A learner over the setup's contexts, its reward offset the setup's pre-stream mean (unless given)."""
-    return cls(setup.X.shape[1], seed=seed, **{"offset": setup.offset, **params})
-
-
 class _Ridge:
     """One ridge model: A = λI + sum x x^T, b = sum r x; A^{-1} kept by Sherman-Morrison updates."""
 
@@ -139,15 +134,21 @@ class _Ridge:
         return self.A_inv @ self.b
 
 
-class LinUCB(Policy):
-    """Disjoint LinUCB (Li et al. 2010, Alg. 1): score_k = θ_k^T x + α sqrt(x^T A_k^{-1} x), θ_k = A_k^{-1} b_k."""
+class Learner(Policy):
+    """A policy that learns from the stream: built over the setup's contexts (``dim`` = their width), its reward
+    offset the setup's pre-stream mean quality unless ``params`` give one."""
 
-    name = "linucb"
     learns = True
 
     @classmethod
     def from_setup(cls, setup: Any, seed: int = 0, **params: Any) -> Policy:
-        return _learner(cls, setup, seed, params)
+        return cls(setup.X.shape[1], seed=seed, **{"offset": setup.offset, **params})
+
+
+class LinUCB(Learner):
+    """Disjoint LinUCB (Li et al. 2010, Alg. 1): score_k = θ_k^T x + α sqrt(x^T A_k^{-1} x), θ_k = A_k^{-1} b_k."""
+
+    name = "linucb"
 
     def __init__(self, dim: int, alpha: float = 0.1, lam: float = 1.0, seed: int = 0, offset: float = 0.0) -> None:
         super().__init__(seed)
@@ -189,15 +190,10 @@ class LinearThompson(LinUCB):
         return out
 
 
-class HybridLinUCB(Policy):
+class HybridLinUCB(Learner):
     """Hybrid LinUCB (Li et al. 2010, Alg. 2) with shared features z = ``shared(x, arm)`` (module docstring)."""
 
     name = "hybrid"
-    learns = True
-
-    @classmethod
-    def from_setup(cls, setup: Any, seed: int = 0, **params: Any) -> Policy:
-        return _learner(cls, setup, seed, params)
 
     def __init__(self, dim: int, alpha: float = 0.1, lam: float = 1.0, seed: int = 0, offset: float = 0.0,
                  shared: Callable[[np.ndarray, Candidate], np.ndarray] = shared_features) -> None:

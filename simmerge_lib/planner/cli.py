@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..catalogue import Catalogue
-from ..predictor import catalogue_predictor
+from ..predictor import catalogue_predictor, predictor_parser
 from .merges import write_plan_recipe
 from .plans import EXHAUSTIVE_LIMIT, plan
 from .scoring import PredictorScorer, predictor_ops
@@ -46,16 +46,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``simmerge plan CATALOGUE --tasks T1,T2 --k K``."""
-    p = subparsers.add_parser("plan", help="plan a multi-way merge (subset, order, operators) with the predictor",
-                              description="Search subsets, orders and per-step operators of k experts for the "
-                                          "target tasks with the predictor (no evaluation), print the plan and "
-                                          "write a multi-document recipe that `simmerge merge` executes.")
+    p = predictor_parser(subparsers, "plan", help="plan a multi-way merge (subset, order, operators) with the "
+                         "predictor", description="Search subsets, orders and per-step operators of k experts for the "
+                                                  "target tasks with the predictor (no evaluation), print the plan "
+                                                  "and write a multi-document recipe that `simmerge merge` executes.")
     p.add_argument("catalogue", help="catalogue folder or catalogue.json")
     p.add_argument("--tasks", required=True, help="target tasks, comma-separated")
     p.add_argument("--k", type=int, required=True, help="number of experts to merge")
     p.add_argument("--min-k", type=int, help="also consider plans of this many experts up to k, leaving some target "
                    "tasks' experts out (default: exactly k)")
-    p.add_argument("--predictor", help="predictor .skops file (default build/predictor/<catalogue name>.skops)")
     p.add_argument("--ops", help="only these operators, comma-separated (default: every predictor candidate)")
     p.add_argument("--base", help="only experts of this base (default: the best plan over every base)")
     p.add_argument("--beam", type=int, default=8, help="beam width when the space is too large (default 8)")

@@ -78,7 +78,7 @@ from .synthetic import (
     synthetic_tables,
 )
 from .cli import (
-    recommend_rows, register,
+    recommend_rows, predictor_parser, register,
 )
 
 __all__ = [
@@ -89,5 +89,5 @@ __all__ = [
     "gap_closure", "cluster_bootstrap_ci", "spearman", "within_pair_spearman", "abstain_precision",
     "selection_metrics", "MARGINS", "regret_with_margin", "choose_design", "nested_evaluation", "TRUSTED_TYPES",
     "predictor_path", "catalogue_predictor", "save_predictor", "load_predictor", "load_tables", "synthetic_tables",
-    "recommend_rows", "register",
+    "recommend_rows", "predictor_parser", "register",
 ]

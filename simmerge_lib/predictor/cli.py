@@ -64,16 +64,24 @@ def _recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def predictor_parser(subparsers: argparse._SubParsersAction, name: str, help: str, description: str
+                     ) -> argparse.ArgumentParser:
+    """The parser of a sub-command that asks a catalogue's predictor (``recommend``, ``plan``), with the option they
+    share: ``--predictor`` (default: :func:`~simmerge_lib.predictor.store.catalogue_predictor`'s file)."""
+    p = subparsers.add_parser(name, help=help, description=description)
+    p.add_argument("--predictor", help="predictor .skops file (default build/predictor/<catalogue name>.skops)")
+    return p
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("recommend", help="rank merge candidates for two experts by predicted quality",
-                              description="Compute the pair's features, rank every candidate by the predictor's "
-                                          "quality, compare with keeping the better parent, and print the recipe "
-                                          "of the best merge (or advise not to merge).")
+    p = predictor_parser(subparsers, "recommend", help="rank merge candidates for two experts by predicted quality",
+                         description="Compute the pair's features, rank every candidate by the predictor's quality, "
+                                     "compare with keeping the better parent, and print the recipe of the best "
+                                     "merge (or advise not to merge).")
     p.add_argument("a", help="one expert")
     p.add_argument("b", help="the other expert (the order does not matter)")
     p.add_argument("--catalogue", default=str(build_path("zoo", "default")), help="catalogue folder "
                    "(default build/zoo/default)")
-    p.add_argument("--predictor", help="predictor .skops file (default build/predictor/<catalogue name>.skops)")
     p.add_argument("--n-probes", type=int, help="probe prompts per task for the features (default 32)")
     p.add_argument("--top", type=int, default=20, help="rows of the ranking to print")
     p.add_argument("--seed", type=int, default=0, help="seed written into the recipe (DARE masks)")

@@ -22,12 +22,12 @@ import argparse
 import json
 import time
 
+from simmerge_lib import bandit
+from simmerge_lib.checkpoint import write_json_atomic
+from simmerge_lib.paths import build_path
+
 
 def main() -> None:
-    from simmerge_lib import bandit
-    from simmerge_lib.checkpoint import write_json_atomic
-    from simmerge_lib.paths import build_path
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default", help="tables build/{features,labels}/<profile>.parquet")
     parser.add_argument("--synthetic", action="store_true", help="replay synthetic tables (no build outputs needed)")

@@ -25,6 +25,14 @@ import json
 import math
 import time
 
+from simmerge_lib import planner, profiles
+from simmerge_lib.checkpoint import write_json_atomic
+from simmerge_lib.features import features_path
+from simmerge_lib.labels import labels_path
+from simmerge_lib.paths import build_path
+from simmerge_lib.predictor import load_tables
+from simmerge_lib.zoo import catalogue_dir
+
 
 def _clean(x):
     if isinstance(x, float):
@@ -39,15 +47,6 @@ def _clean(x):
 
 
 def main() -> None:
-    from simmerge_lib import planner
-    from simmerge_lib.checkpoint import write_json_atomic
-    from simmerge_lib.features import features_path
-    from simmerge_lib.labels import labels_path, profile_settings
-    from simmerge_lib.paths import build_path
-    from simmerge_lib.predictor import load_tables
-    from simmerge_lib.probes import N_PROBES
-    from simmerge_lib.zoo import catalogue_dir
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="auto", choices=["auto", "smoke", "default", "full"])
     parser.add_argument("--ks", default="2,3,4,5,6", help="plan sizes, comma-separated")
@@ -72,8 +71,9 @@ def main() -> None:
     ops = planner.predictor_ops(predictor)
     fixed = planner.fixed_op_from_labels(labels)
     ks = [int(k) for k in args.ks.split(",") if k]
-    n_eval = profile_settings(profile)["n_eval"]
-    scorer = planner.PredictorScorer(predictor, catalogue, n_probes=N_PROBES.get(profile, 32), table=features)
+    n_eval = profiles.settings("labels", profile)["n_eval"]
+    n_probes = profiles.settings("probes", profile)["n_probes"]
+    scorer = planner.PredictorScorer(predictor, catalogue, n_probes=n_probes, table=features)
     cache: dict = {}
     prep = time.perf_counter() - t0
     study = planner.multiway_study(catalogue, predictor, ks, ops, n_eval=n_eval, beam_width=args.beam,

@@ -29,6 +29,14 @@ import json
 import time
 from typing import Any
 
+import pandas as pd
+
+from simmerge_lib import predictor as P
+from simmerge_lib import zoo
+from simmerge_lib.features import load_or_compute
+from simmerge_lib.labels import catalogue_hash, collect_labels, make_jobs, profile_settings, reference_path
+from simmerge_lib.paths import build_path
+
 
 def _r(x: Any) -> Any:
     if isinstance(x, float):
@@ -41,8 +49,6 @@ def _r(x: Any) -> Any:
 
 
 def _protocols(table: Any, n_boot: int, seed: int) -> dict[str, Any]:
-    from simmerge_lib import predictor as P
-
     out: dict[str, Any] = {}
     for scheme, tag in (("task", "loto"), ("expert", "loeo")):
         result = P.nested_evaluation(table, scheme, n_boot=n_boot, seed=seed, progress=False, cache=True)
@@ -69,12 +75,6 @@ def _protocols(table: Any, n_boot: int, seed: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    from simmerge_lib import predictor as P
-    from simmerge_lib import zoo
-    from simmerge_lib.features import load_or_compute
-    from simmerge_lib.labels import catalogue_hash, collect_labels, make_jobs, profile_settings, reference_path
-    from simmerge_lib.paths import build_path
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default", choices=["smoke", "default", "full"])
     parser.add_argument("--n-boot", type=int, default=1000)
@@ -117,8 +117,6 @@ def main() -> None:
         o_features = load_or_compute(other, recipe.name, progress=False)
         out = build_path("labels", f"{recipe.name}.parquet")
         o_labels = collect_labels(other, make_jobs(other, **profile_settings(args.profile)), out, progress=False)
-        import pandas as pd
-
         o_table = P.training_table(o_features, o_labels, pd.read_parquet(reference_path(out)))
         again = _protocols(o_table, args.n_boot, args.seed)
         reproduced = {}

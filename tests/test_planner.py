@@ -11,8 +11,10 @@ import torch
 from simmerge_lib.catalogue import Catalogue
 from simmerge_lib.checkpoint import load_state_dict
 from simmerge_lib.documents import is_multi_document, read_documents
-from simmerge_lib.planner import (OpChoice, Plan, Planner, PredictorScorer, _Merges, beam_search, count_plans,
-                                  enumerate_plans, exhaustive_search, plan, plan_documents, write_plan_recipe)
+from simmerge_lib.operators import Candidate as OpChoice
+from simmerge_lib.planner import Merges as _Merges
+from simmerge_lib.planner import (Plan, Planner, PredictorScorer, beam_search, count_plans, enumerate_plans,
+                                  exhaustive_search, plan, plan_documents, write_plan_recipe)
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():

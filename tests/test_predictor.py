@@ -118,7 +118,7 @@ def test_nested_evaluation_is_cached_by_content(synth, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("computed again although the cache holds this table's result")
 
-    monkeypatch.setattr(P, "_nested_evaluation", refuse)
+    monkeypatch.setattr(P.nested, "_nested_evaluation", refuse)
     again = P.nested_evaluation(synth, "task", n_boot=50, progress=False, workers=1, cache=True)
     pd.testing.assert_frame_equal(first["records"], again["records"])
     assert again["metrics"] == pytest.approx(first["metrics"], nan_ok=True) and again["ci"] == first["ci"]
@@ -189,7 +189,7 @@ def test_save_load_predicts_identically(synth, tmp_path, family):
 
 def test_load_refuses_untrusted_and_foreign_files(synth, tmp_path, monkeypatch):
     path = P.save_predictor(P.fit_predictor(synth, "ridge", classifier=False), tmp_path / "p.skops")
-    monkeypatch.setattr(P, "TRUSTED_TYPES", [])
+    monkeypatch.setattr(P.store, "TRUSTED_TYPES", [])
     if __import__("skops.io", fromlist=["io"]).get_untrusted_types(file=path):
         with pytest.raises(ValueError, match="untrusted"):
             P.load_predictor(path)

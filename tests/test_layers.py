@@ -27,8 +27,9 @@ LAYERS: list[tuple[str, set[str]]] = [
 ]
 LAYER_OF = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}
 #: Third-party packages that may be imported inside a function: optional extras, or heavy ones kept off the
-#: start of ``simmerge merge`` (transformers) and of the course's first cell (IPython).
-LAZY_ALLOWED = {"ray", "optuna", "mergekit", "transformers", "IPython"}
+#: start of ``simmerge merge`` (transformers) and of the course's first cell (IPython; seaborn, which pulls in
+#: matplotlib and pandas, is imported by ``course.set_theme`` only, so the first cell and the runner stay light).
+LAZY_ALLOWED = {"ray", "optuna", "mergekit", "transformers", "IPython", "seaborn"}
 
 
 def _modules() -> dict[str, Path]:

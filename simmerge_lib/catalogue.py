@@ -25,15 +25,16 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .checkpoint import write_json_atomic
 
+if TYPE_CHECKING:  # annotations only: pandas is imported where a table is built (see scores_frame)
+    import pandas as pd
+
 CATALOGUE_FILE = "catalogue.json"
 PairKind = Literal["same_base", "cross_base", "all"]
-_Key = TypeVar("_Key", str, pd.Series)
+_Key = TypeVar("_Key", str, "pd.Series")
 
 
 def pair_key(a: _Key, b: _Key) -> _Key:
@@ -178,6 +179,9 @@ class Catalogue:
 
     def scores_frame(self) -> pd.DataFrame:
         """One row per model × task with the recorded eval score (tidy)."""
+        # pandas is heavy: `simmerge merge` reads recipes through this module (map_model_names) and starts without it
+        import pandas as pd
+
         rows = [{"model": m.name, "role": m.role, "base": m.base or m.name, "expert_task": ",".join(m.tasks),
                  "task": t, "score": s} for m in self.models for t, s in m.scores.items()]
         return pd.DataFrame(rows)

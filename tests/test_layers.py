@@ -27,9 +27,10 @@ LAYERS: list[tuple[str, set[str]]] = [
 ]
 LAYER_OF = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}
 #: Third-party packages that may be imported inside a function: optional extras, or heavy ones kept off the
-#: start of ``simmerge merge`` (transformers) and of the course's first cell (IPython; seaborn, which pulls in
+#: start of ``simmerge merge`` (transformers; pandas, which ``catalogue`` needs only for its score table while the
+#: merge path reads recipes through it) and of the course's first cell (IPython; seaborn, which pulls in
 #: matplotlib and pandas, is imported by ``course.set_theme`` only, so the first cell and the runner stay light).
-LAZY_ALLOWED = {"ray", "optuna", "mergekit", "transformers", "IPython", "seaborn"}
+LAZY_ALLOWED = {"ray", "optuna", "mergekit", "transformers", "IPython", "seaborn", "pandas"}
 
 
 def _modules() -> dict[str, Path]:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
+from ..checkpoint import layer_index
 from ..evaluate import encode_batch, synthetic_detail
 from ..tasks import AUXILIARY_TASKS, get_task
 from .recipes import TRAINABLE, BaseRecipe, ExpertStyle, ZooRecipe
@@ -31,8 +32,8 @@ def trainable_filter(trains: str, layers: int) -> Callable[[str], bool]:
         return lambda name: ".self_attn." in name
     if trains in ("upper", "lower"):
         def in_half(name: str) -> bool:
-            if ".layers." in name:
-                index = int(name.split(".layers.")[1].split(".")[0])
+            index = layer_index(name)
+            if index is not None:
                 return index >= half if trains == "upper" else index < half
             return ("lm_head" in name or name.startswith("model.norm")) if trains == "upper" else "embed" in name
         return in_half

@@ -27,7 +27,6 @@ from typing import Any, TextIO
 
 import nbformat
 import papermill as pm
-from ipykernel.ipkernel import IPythonKernel
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from papermill.clientwrap import PapermillNotebookClient
@@ -72,6 +71,10 @@ def course_notebooks(selection: Sequence[str] = ()) -> list[Path]:
 def language_info() -> dict[str, Any]:
     """``language_info`` as the kit's kernel reports it (and JupyterLab saves it): ipykernel's own dict, whose
     ``version`` is the Python running this function — run the normaliser with the kit's venv."""
+    # Imported here, not with the module: once ipykernel's shell is imported, tqdm.auto draws notebook widgets (as
+    # text on stdout) in this process instead of terminal bars, in every library call that shows progress.
+    from ipykernel.ipkernel import IPythonKernel
+
     return dict(IPythonKernel.language_info)
 
 

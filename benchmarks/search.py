@@ -18,13 +18,14 @@ import argparse
 import json
 import time
 
+from simmerge_lib import profiles
+from simmerge_lib.checkpoint import write_json_atomic
+from simmerge_lib.paths import build_path
+from simmerge_lib.predictor import load_tables
+from simmerge_lib.search import choose_pairs, pair_study, pair_study_summary
+
 
 def main() -> None:
-    from simmerge_lib.checkpoint import write_json_atomic
-    from simmerge_lib.paths import build_path
-    from simmerge_lib.predictor import load_tables
-    from simmerge_lib.search import choose_pairs, pair_study, pair_study_summary, profile_settings
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=["smoke", "default", "full"],
                         help="catalogue and sizes (default: 'default' if build/zoo/default exists, else 'smoke')")
@@ -35,7 +36,7 @@ def main() -> None:
     profile = args.profile or ("default" if (build_path("zoo", "default") / "catalogue.json").is_file() else "smoke")
     start = time.perf_counter()
     features, labels, reference, catalogue = load_tables(profile, progress=False)
-    settings = profile_settings(profile)
+    settings = profiles.settings("search", profile)
     pairs = choose_pairs(catalogue, labels, args.pairs or int(settings["pairs"]))
     experiments, table = pair_study(catalogue, profile, pairs, tables=(features, labels, reference), seed=args.seed,
                                    progress=not args.quiet)

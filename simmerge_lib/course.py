@@ -47,7 +47,7 @@ def set_theme(**rc: Any) -> None:
 
     ``rc`` overrides single matplotlib settings. Call it once, in a chapter's set-up cell.
     """
-    import seaborn as sns
+    import seaborn as sns  # heavy (matplotlib, pandas): only for the figures, not for the first cell or the runner
 
     sns.set_theme(style="whitegrid", context="notebook", rc={
         "figure.figsize": (8.0, 3.6),
@@ -62,8 +62,9 @@ def headline(text: str) -> None:
     in a chapter counts). Outside a notebook it prints the line."""
     text = " ".join(str(text).split())  # one line, whatever the caller's formatting
     try:
+        # IPython is imported when a headline is recorded, not with this module, which stays light (module doc)
         from IPython import get_ipython
-        from IPython.display import display
+        from IPython.display import display  # (the same reason)
     except ImportError:  # pragma: no cover - IPython ships with the kit's ipykernel
         get_ipython = None  # type: ignore[assignment]
     if get_ipython is None or get_ipython() is None:

@@ -25,6 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import nbformat
+import papermill as pm
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from papermill.clientwrap import PapermillNotebookClient
+from papermill.engines import NBClientEngine, papermill_engines
+from papermill.log import logger as papermill_logger
+from traitlets import CaselessStrEnum
+
+from . import profiles
 from .course import find_headline
 from .paths import PROJECT_ROOT
 
@@ -61,6 +71,8 @@ def course_notebooks(selection: Sequence[str] = ()) -> list[Path]:
 def language_info() -> dict[str, Any]:
     """``language_info`` as the kit's kernel reports it (and JupyterLab saves it): ipykernel's own dict, whose
     ``version`` is the Python running this function — run the normaliser with the kit's venv."""
+    # Imported here, not with the module: once ipykernel's shell is imported, tqdm.auto draws notebook widgets (as
+    # text on stdout) in this process instead of terminal bars, in every library call that shows progress.
     from ipykernel.ipkernel import IPythonKernel
 
     return dict(IPythonKernel.language_info)
@@ -70,8 +82,6 @@ def normalized_text(path: Path) -> str:
     """The notebook at ``path`` as JupyterLab would save it on opening it with the kit's kernel: kernelspec
     ``simmerge`` ("SimMerge kit"), the kernel's ``language_info``, nbformat 4.5 with cell ids, and, by the course's
     convention, no outputs and no execution counts. Cell sources and tags are untouched."""
-    import nbformat
-
     nb = nbformat.read(path, as_version=4)
     nb.nbformat, nb.nbformat_minor = 4, 5
     nb.metadata["kernelspec"] = dict(KERNELSPEC)
@@ -148,7 +158,7 @@ class Progress:
         print(line, file=self.out, flush=True)
         self._last_print = self.clock()
 
-    # chapters and cells ------------------------------------------------------------------------------------------------
+    # chapters and cells ---------------------------------------------------------------------------------------------
     def chapter(self, name: str, index: int, total: int, profile: str) -> None:
         with self._lock:
             self._cell, self._models, self._bars, self.stderr = None, {}, {}, []
@@ -171,7 +181,7 @@ class Progress:
                 self._print(f"stderr in cell {k}: {text}")
             self._print(f"{note} in {seconds:.1f} s")
 
-    # kernel output -----------------------------------------------------------------------------------------------------
+    # kernel output --------------------------------------------------------------------------------------------------
     def stream(self, name: str, text: str) -> None:
         """A stream output of the running cell: stderr is remembered (first line per cell) and listed at the end."""
         if name != "stderr" or self._cell is None:
@@ -243,7 +253,7 @@ class Progress:
             k, n, first, _ = self._cell
             self._print(f"cell {k}/{n}: {first}")
 
-    # time-driven lines ---------------------------------------------------------------------------------------------------
+    # time-driven lines ----------------------------------------------------------------------------------------------
     def tick(self) -> None:
         """Announce a long cell, and break any silence longer than ``heartbeat_s`` (with the live bar if one runs)."""
         with self._lock:
@@ -291,17 +301,13 @@ class _Ticker:
 # Executing with papermill
 
 
+class IPCKernelManager(AsyncKernelManager):
+    # A local kernel talks over Unix sockets: no TCP port, and no "running over TCP without encryption" warning.
+    transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+
 def _engine(progress: Progress | None) -> str:
     """Register (once) a papermill engine whose notebook client reports to ``progress``; returns its name."""
-    from jupyter_client.manager import AsyncKernelManager
-    from papermill.clientwrap import PapermillNotebookClient
-    from papermill.engines import NBClientEngine, papermill_engines
-    from traitlets import CaselessStrEnum
-
-    class IPCKernelManager(AsyncKernelManager):
-        # A local kernel talks over Unix sockets: no TCP port, and no "running over TCP without encryption" warning.
-        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
-
     class Client(PapermillNotebookClient):
         def handle_comm_msg(self, outs: Any, msg: dict[str, Any], cell_index: int) -> None:
             data = msg["content"].get("data") or {}
@@ -328,7 +334,7 @@ def _engine(progress: Progress | None) -> str:
                     progress.cell_done()
 
             kernel_log = kwargs.pop("kernel_log", None)
-            client = Client(nb_man, kernel_name=kernel_name, log=kwargs.pop("log", None) or _papermill_logger(),
+            client = Client(nb_man, kernel_name=kernel_name, log=kwargs.pop("log", None) or papermill_logger,
                             log_output=False, startup_timeout=kwargs.pop("start_timeout", 60),
                             timeout=kwargs.pop("execution_timeout", None), kernel_manager_class=IPCKernelManager,
                             on_cell_start=on_cell_start, on_cell_executed=on_cell_executed,
@@ -345,19 +351,11 @@ def _engine(progress: Progress | None) -> str:
     return name
 
 
-def _papermill_logger() -> Any:
-    from papermill.log import logger
-
-    return logger
-
-
 def kernel_for_run(requested: str | None = None) -> str:
     """The kernel to execute with: ``requested`` if given, else the kit's ``simmerge`` kernel when it is installed,
     else ``python3`` (the kernel of the Python running the runner)."""
     if requested:
         return requested
-    from jupyter_client.kernelspec import KernelSpecManager
-
     return KERNEL_NAME if KERNEL_NAME in KernelSpecManager().find_kernel_specs() else "python3"
 
 
@@ -375,8 +373,6 @@ def run_notebooks(profile: str, out: Path, selection: Sequence[str] = (), prepar
     """Execute (or, with ``prepare_only``, only parameterize) the chapters into ``out``, reporting to ``progress``
     (a default :class:`Progress` on stdout). ``notebooks`` overrides the chapter list (tests). Exits with status 1
     after printing the failing cell when a notebook raises."""
-    import papermill as pm
-
     out.mkdir(parents=True, exist_ok=True)
     chosen = list(notebooks) if notebooks is not None else course_notebooks(selection)
     progress = progress or Progress()
@@ -446,7 +442,7 @@ def summary_table(results: Sequence[ChapterResult], width: int = 118) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="default", choices=["smoke", "default", "full"])
+    parser.add_argument("--profile", default="default", choices=list(profiles.PROFILES))
     parser.add_argument("--out", type=Path, default=Path("build/notebooks"))
     parser.add_argument("--prepare-only", action="store_true", help="inject parameters without executing")
     parser.add_argument("--kernel", default=None, help=f"kernel name (default: {KERNEL_NAME} if installed)")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from simmerge_lib.catalogue import Catalogue
+from simmerge_lib.catalogue import Catalogue, map_model_names, pair_key
 from simmerge_lib.checkpoint import CheckpointError, load_state_dict, weight_files
 
 
@@ -44,3 +44,22 @@ def test_index_outside_folder_is_refused(tiny_catalogue, tmp_path):
 def test_state_dict_roundtrip(tiny_catalogue):
     sd = load_state_dict(tiny_catalogue / "base0")
     assert "model.embed_tokens.weight" in sd
+
+
+def test_model_names_map_to_paths_in_every_recipe_form(tiny_catalogue):
+    """base_model, models (mappings or bare names), slice sources and tokenizer_source are mapped; mergekit's
+    tokenizer keywords are not, and a model named like a keyword is still a model."""
+    recipe = {"merge_method": "ties", "base_model": "base", "tokenizer_source": "union",
+              "models": [{"model": "a", "parameters": {"weight": 1.0}}, "b"],
+              "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]}]}
+    out = map_model_names(recipe, str.upper)
+    assert out["base_model"] == "BASE" and out["tokenizer_source"] == "union"
+    assert out["models"] == [{"model": "A", "parameters": {"weight": 1.0}}, "B"]
+    assert out["slices"] == [{"sources": [{"model": "A", "layer_range": [0, 1]}]}]
+    assert recipe["base_model"] == "base"  # the input is not changed
+    assert map_model_names({"tokenizer_source": "a"}, str.upper) == {"tokenizer_source": "A"}
+    cat = Catalogue.load(tiny_catalogue)
+    job = {"merge_method": "linear", "base_model": "base0", "models": [{"model": "base0-reverse"}]}
+    assert cat.with_paths(job)["models"][0]["model"] == cat.entry("base0-reverse").path
+    assert cat.with_paths(job, absolute=True)["base_model"] == str(cat.path("base0"))
+    assert pair_key("a", "b") == "a|b"

@@ -10,11 +10,11 @@ import torch
 
 from simmerge_lib.engine import merge_in_memory
 from simmerge_lib.labels import DEFAULT_GRID, job_recipe
-from simmerge_lib.operators import merge_state_dicts
+from simmerge_lib.operators import Candidate, merge_state_dicts
 from simmerge_lib.recipe import Recipe
-from simmerge_lib.search import (DepthRecipe, LayerwiseSpace, MergeProblem, check_no_leakage, fidelity_schedule,
-                                 fit_surrogate, group_split, pareto_mask, run_search, setting_from_grid,
-                                 surrogate_quality, uniform_recipe)
+from simmerge_lib.search import (DepthRecipe, LayerwiseSpace, MergeProblem, check_no_leakage, coefficients,
+                                 fidelity_schedule, fit_surrogate, group_candidate, group_recipe, group_split, kept,
+                                 pareto_mask, run_search, setting_from_grid, surrogate_quality, uniform_recipe)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,26 @@ def test_uniform_recipe_reproduces_the_labels_grid(problem):
                                        [dict(s.parameters) for s in specs], ref.parameters, problem.layer_count)
             for name in ours:
                 torch.testing.assert_close(ours[name], theirs[name], msg=f"{method} {setting} {name}")
-    assert setting_from_grid("slerp", {"t": 0.3}).mix == pytest.approx(0.7)
+    assert setting_from_grid("slerp", {"t": 0.3}).setting["mix"] == pytest.approx(0.7)
+
+
+def test_a_group_choice_is_an_operator_candidate():
+    """A layer-wise group holds an operators.Candidate (mix, lambda, density); its recipe, task-vector coefficients
+    and kept share are functions of it, by hand."""
+    ties = group_candidate("ties", mix=0.25, lam=0.8, density=0.4)
+    assert isinstance(ties, Candidate) and ties.setting == {"mix": 0.25, "lambda": 0.8, "density": 0.4}
+    recipe = group_recipe(ties, "a", "b", "base", seed=3)
+    assert recipe["base_model"] == "base" and recipe["parameters"] == {"lambda": 0.8}
+    assert [m["parameters"] for m in recipe["models"]] == [{"weight": 0.5, "density": 0.4},
+                                                           {"weight": 1.5, "density": 0.4}]
+    assert coefficients(ties) == pytest.approx((0.5 * 0.4, 1.5 * 0.4))  # TIES normalizes: weights × lambda / 2
+    assert kept(ties) == pytest.approx(0.4)
+    dare = group_candidate("dare_linear", mix=0.5, lam=1.2, density=0.3)
+    assert group_recipe(dare, "a", "b", "base", seed=3)["parameters"] == {"lambda": 1.2, "seed": 3}
+    assert coefficients(dare) == pytest.approx((1.2, 1.2)) and kept(dare) == pytest.approx(0.3)
+    slerp = group_candidate("slerp", mix=0.7)
+    assert group_recipe(slerp, "a", "b", "base")["parameters"] == {"t": pytest.approx(0.3)}
+    assert coefficients(slerp) == pytest.approx((0.7, 0.3)) and kept(slerp) == 1.0
 
 
 def test_pruned_trials_cost_fewer_evaluations(tiny_catalogue):
@@ -174,7 +193,7 @@ def test_search_on_the_surrogate_beats_random_configurations():
     result = run_search(space, 40, surrogate=surrogate, sampler="tpe", seed=0)
     assert result.trials.evaluations.max() == 0  # no real merge
     assert result.best_value > float(np.median(surrogate.predict_quality(list(samples.params))))
-    assert result.best_recipe.settings[1].mix > 0.5
+    assert result.best_recipe.settings[1].setting["mix"] > 0.5
 
 
 def test_run_experiment_end_to_end_and_cli_errors(tiny_catalogue, monkeypatch, tmp_path, capsys):

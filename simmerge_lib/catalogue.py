@@ -22,42 +22,25 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
+
+import pandas as pd
 
 from .checkpoint import write_json_atomic
-
-if TYPE_CHECKING:  # annotations only: pandas is imported where a table is built (see scores_frame)
-    import pandas as pd
+from .paths import map_model_names
 
 CATALOGUE_FILE = "catalogue.json"
 PairKind = Literal["same_base", "cross_base", "all"]
-_Key = TypeVar("_Key", str, "pd.Series")
+_Key = TypeVar("_Key", str, pd.Series)
 
 
 def pair_key(a: _Key, b: _Key) -> _Key:
     """The key of a pair of experts, ``"a|b"`` (element-wise for two Series of names); tables write a pair in
     catalogue order, so one pair has one key."""
     return a + "|" + b
-
-
-def map_model_names(recipe: Mapping[str, Any], to: Callable[[str], str]) -> dict[str, Any]:
-    """A mergekit recipe (``models`` or ``slices`` form) with every model reference ``name`` replaced by
-    ``to(name)``: ``base_model``, ``tokenizer_source`` (unless it is one of mergekit's keywords ``base`` and
-    ``union``), each entry of ``models`` (a mapping's ``model`` or a bare name) and each slice source's ``model``."""
-    out = dict(recipe)
-    if isinstance(out.get("base_model"), str):
-        out["base_model"] = to(out["base_model"])
-    if isinstance(out.get("tokenizer_source"), str) and out["tokenizer_source"] not in ("base", "union"):
-        out["tokenizer_source"] = to(out["tokenizer_source"])
-    if "models" in out:
-        out["models"] = [{**m, "model": to(m["model"])} if isinstance(m, Mapping) else to(m) for m in out["models"]]
-    if "slices" in out:
-        out["slices"] = [{**s, "sources": [{**src, "model": to(src["model"])} for src in s["sources"]]}
-                         for s in out["slices"]]
-    return out
 
 
 @dataclass
@@ -179,9 +162,6 @@ class Catalogue:
 
     def scores_frame(self) -> pd.DataFrame:
         """One row per model × task with the recorded eval score (tidy)."""
-        # pandas is heavy: `simmerge merge` reads recipes through this module (map_model_names) and starts without it
-        import pandas as pd
-
         rows = [{"model": m.name, "role": m.role, "base": m.base or m.name, "expert_task": ",".join(m.tasks),
                  "task": t, "score": s} for m in self.models for t, s in m.scores.items()]
         return pd.DataFrame(rows)

@@ -29,15 +29,16 @@ def build_path(*parts: str) -> Path:
 
 def map_model_names(recipe: Mapping[str, Any], to: Callable[[str], str]) -> dict[str, Any]:
     """A mergekit recipe (``models`` or ``slices`` form) with every model reference ``name`` replaced by
-    ``to(name)``: ``base_model``, ``tokenizer_source`` (unless ``base`` or ``union``), each entry of ``models``
-    (a mapping's ``model`` or a bare name) and each slice source's ``model``.
+    ``to(name)``: ``base_model``, ``tokenizer_source`` (unless it is one of mergekit's keywords ``base`` and
+    ``union``), each entry of ``models`` (a mapping's ``model`` or a bare name) and each slice source's ``model``.
 
     The one "replace model names with paths" of the kit (here, at the bottom of the layers, so that the merge
     path reaches it without importing the catalogue's table libraries)."""
     out = dict(recipe)
-    for key in ("base_model", "tokenizer_source"):
-        if isinstance(out.get(key), str) and out[key] not in ("base", "union"):
-            out[key] = to(out[key])
+    if isinstance(out.get("base_model"), str):
+        out["base_model"] = to(out["base_model"])
+    if isinstance(out.get("tokenizer_source"), str) and out["tokenizer_source"] not in ("base", "union"):
+        out["tokenizer_source"] = to(out["tokenizer_source"])
     if "models" in out:
         out["models"] = [{**m, "model": to(m["model"])} if isinstance(m, Mapping) else to(m) for m in out["models"]]
     if "slices" in out:

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from simmerge_lib.catalogue import Catalogue, map_model_names, pair_key
+from simmerge_lib.catalogue import Catalogue, pair_key
+from simmerge_lib.paths import map_model_names
 from simmerge_lib.checkpoint import CheckpointError, load_state_dict, weight_files
 
 

@@ -26,12 +26,12 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("runner and CLI", {"runner", "cli"}),
 ]
 LAYER_OF = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}
-#: Third-party packages that may be imported inside a function: optional extras, or heavy ones kept off the
-#: start of ``simmerge merge`` (transformers; pandas, which ``catalogue`` needs only for its score table while the
-#: merge path reads recipes through it) and of the course's first cell (IPython; seaborn, which pulls in
-#: matplotlib and pandas, is imported by ``course.set_theme`` only, so the first cell and the runner stay light);
-#: ipykernel, whose import makes tqdm.auto draw notebook widgets instead of terminal bars in the importing process.
-LAZY_ALLOWED = {"ray", "optuna", "mergekit", "transformers", "IPython", "seaborn", "pandas", "ipykernel"}
+#: Third-party packages that may be imported inside a function: optional extras (ray, mergekit), heavy ones kept
+#: off the start of ``simmerge merge`` (transformers) and of the course's first cell (IPython; seaborn, which pulls
+#: in matplotlib and pandas, is imported by ``course.set_theme`` only, so the first cell and the runner stay light),
+#: optuna (only the search needs it), and ipykernel, whose import makes tqdm.auto draw notebook widgets instead of
+#: terminal bars in the importing process.
+LAZY_ALLOWED = {"ray", "optuna", "mergekit", "transformers", "IPython", "seaborn", "ipykernel"}
 
 
 def _modules() -> dict[str, Path]:

@@ -89,9 +89,7 @@ keep-parent, win shares, best fixed, split-half, noise gap, summary) and :mod:`.
 
 from __future__ import annotations
 
-from ..operators import setting_label, setting_parameters  # they live in operators; planner and search read them here
-# The profile names (``profile in labels.PROFILES``); the per-profile settings are profile_settings(profile).
-from ..profiles import PROFILES
+from ..operators import setting_label, setting_parameters  # defined with the operators; labels write them in tables
 from .analysis import (PAIR_COLUMNS, best_fixed, best_per_method, keep_parent, max_win_share, merge_quality,
                        noise_gap, oracle_vs_fixed, pair_winners, split_half_gain, summarize, win_shares)
 from .cli import register
@@ -103,7 +101,7 @@ from .run import IN_MEMORY_LIMIT, run_job
 
 __all__ = [
     "DEFAULT_GRID", "FAMILIES", "FIXED_PARAMETERS", "GRIDS", "IN_MEMORY_LIMIT", "LABEL_COLUMNS", "LABEL_OPERATORS",
-    "LABELS_FORMAT", "PAIR_COLUMNS", "PROFILES", "REFERENCE_COLUMNS", "SMOKE_GRID", "Job", "best_fixed",
+    "LABELS_FORMAT", "PAIR_COLUMNS", "REFERENCE_COLUMNS", "SMOKE_GRID", "Job", "best_fixed",
     "best_per_method", "catalogue_hash", "check_order_free", "collect_labels", "family", "job_recipe", "keep_parent",
     "labels_path", "load_labels", "make_job", "make_jobs", "max_win_share", "merge_quality", "noise_gap",
     "oracle_vs_fixed", "pair_winners", "profile_settings", "reference_path", "register", "run_job",

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from ..catalogue import Catalogue, map_model_names
+from ..catalogue import Catalogue
+from ..paths import map_model_names
 from ..checkpoint import load_state_dict
 from ..documents import REF_PREFIX, write_documents
 from ..labels import job_recipe

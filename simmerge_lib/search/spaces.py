@@ -13,7 +13,7 @@ import numpy as np
 import optuna
 from torch import Tensor
 
-from ..catalogue import map_model_names
+from ..paths import map_model_names
 from ..checkpoint import layer_index
 from ..operators import Candidate, get_operator, param_range
 from ..recipe import Recipe

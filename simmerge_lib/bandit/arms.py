@@ -17,7 +17,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ..labels import merge_quality
-from ..operators import Candidate, candidate_key, get_operator
+from ..operators import OPERATORS, Candidate, candidate_key, get_operator
 from ..predictor import feature_columns
 
 
@@ -176,8 +176,11 @@ def replay_data(features: pd.DataFrame, labels: pd.DataFrame) -> ReplayData:
     q = merge_quality(labels)
     if q.empty:
         raise ValueError("labels table: no parent-task rows to compute merge quality from")
+    # Arms in the registry's operator order, then by setting: the labels' row order follows the order in which
+    # parallel jobs finished, and the oracle's argmax breaks ties between equal arms by position.
     arm_rows = labels.drop_duplicates(["method", "setting"])
-    arms = [Candidate.make(r.method, r.parameters) for r in arm_rows.itertuples(index=False)]
+    arms = sorted((Candidate.make(r.method, r.parameters) for r in arm_rows.itertuples(index=False)),
+                  key=lambda c: (list(OPERATORS).index(c.method) if c.method in OPERATORS else len(OPERATORS), c.params))
     q = q.assign(arm=candidate_key(q.method, q.setting))
     table = q.pivot_table(index=["a", "b"], columns="arm", values="quality", aggfunc="mean", sort=False)
     table = table.reindex(columns=[arm.key for arm in arms]).dropna(how="any")

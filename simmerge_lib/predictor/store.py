@@ -15,11 +15,12 @@ import sklearn
 import skops
 import skops.io as sio
 
-from .. import __version__, profiles, zoo
+from .. import __version__, zoo
 from ..catalogue import Catalogue
 from ..features import features_path, load_or_compute
 from ..labels import collect_labels, labels_path, load_labels, make_jobs, profile_settings, reference_path
 from ..paths import build_path
+from ..probes import profile_n_probes
 from .model import PREDICTOR_FORMAT, Predictor
 
 
@@ -108,7 +109,7 @@ def load_tables(profile: str, transfer: bool = False, build: bool = True, progre
     else:
         catalogue = (zoo.build_transfer_catalogue(profile, progress=progress) if transfer
                      else zoo.build_catalogue(profile, progress=progress))
-    features = load_or_compute(catalogue, name, n_probes=_n_probes(profile), progress=progress)
+    features = load_or_compute(catalogue, name, n_probes=profile_n_probes(profile), progress=progress)
     jobs = make_jobs(catalogue, **profile_settings(profile))
     if lpath.is_file() and not build:
         labels = load_labels(lpath)
@@ -116,8 +117,3 @@ def load_tables(profile: str, transfer: bool = False, build: bool = True, progre
         labels = collect_labels(catalogue, jobs, lpath, progress=progress)
     reference = pd.read_parquet(reference_path(lpath))
     return features, labels, reference, catalogue
-
-
-def _n_probes(profile: str) -> int | None:
-    """The profile's probe count (chapter 01); None (the features' default) for a name that is not a profile."""
-    return profiles.settings("probes", profile)["n_probes"] if profile in profiles.PROFILES else None
